@@ -1,0 +1,56 @@
+"""The `ternarylm` console command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ternarylm.plans import PRESETS
+
+
+def _describe(args: argparse.Namespace) -> None:
+    from ternarylm.analysis import describe
+    from ternarylm.model import model_config
+    from ternarylm.plans import preset
+
+    overrides = {k: v for k, v in (("vocab_size", args.vocab), ("seq_len", args.seq_len)) if v}
+    info = {"size": args.size, "plan": args.plan, "scheme": args.scheme,
+            **describe(model_config(args.size, **overrides), preset(args.plan), args.scheme)}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            print(f"{key:>22}: {value:,}" if isinstance(value, int) else f"{key:>22}: {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ternarylm.model import SIZES
+    from ternarylm.quantizers import TERNARY_SCHEMES
+
+    parser = argparse.ArgumentParser(prog="ternarylm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("describe", help="parameter counts, FLOPs and memory of a size and plan")
+    p.add_argument("--size", required=True, choices=list(SIZES))
+    p.add_argument("--plan", default="all_ternary", choices=list(PRESETS))
+    p.add_argument("--scheme", default="absmean", choices=list(TERNARY_SCHEMES))
+    p.add_argument("--vocab", type=int, help="vocabulary size (default: the size's, 30,522)")
+    p.add_argument("--seq-len", type=int, help="context length used for attention FLOPs")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_describe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:  # our config errors: one clear line, no traceback
+        print(f"ternarylm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

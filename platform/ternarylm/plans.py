@@ -1,0 +1,201 @@
+"""Precision plans: which weight format every linear layer gets, chosen by qualified name.
+
+A plan is applied by a converter (`apply_plan`) that swaps `nn.Linear` and `nn.Embedding`
+modules of a built model, so the model code never knows about precision. Resolution order,
+later rules overriding earlier ones, for each linear inside a transformer block
+(`blocks.<i>.attn.*` / `blocks.<i>.mlp.*`):
+
+    default -> attention / mlp -> first_k / last_k -> blocks -> overrides (glob on the name)
+
+The format "ternary" stands for the trial's ternary scheme, so one plan serves every scheme of a
+study. The output head is set by `head` and the token embedding by `embedding`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from ternarylm.quantizers import (FORMATS, FP, TERNARY_SCHEMES, WEIGHT_FORMATS, QuantEmbedding,
+                                  QuantLinear)
+
+TERNARY = "ternary"
+PLAN_FORMATS = (TERNARY, *FORMATS)
+EMBEDDING_FORMATS = (FP, "int8", "int4")
+_BLOCK_LINEAR = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.")
+
+
+class PlanError(ValueError):
+    """A precision plan that cannot be applied; the message says what to change."""
+
+
+def _check_format(value: str, where: str, allowed: tuple[str, ...] = PLAN_FORMATS) -> None:
+    if value not in allowed:
+        raise PlanError(f"precision plan: unknown format {value!r} for {where}; "
+                        f"choose one of {', '.join(allowed)}")
+
+
+@dataclass
+class PrecisionPlan:
+    name: str = "custom"
+    """Name recorded with results (a preset's name, or your own)."""
+    default: str = TERNARY
+    """Format of every block linear that no other rule selects."""
+    attention: str | None = None
+    """Format of attention projections (q, k, v, o), if different from the default."""
+    mlp: str | None = None
+    """Format of MLP projections (gate, up, down), if different from the default."""
+    first_k: int | float = 0
+    """First blocks given `boundary_format`: a count, or a fraction of depth if below 1."""
+    last_k: int | float = 0
+    """Last blocks given `boundary_format`: a count, or a fraction of depth if below 1."""
+    boundary_format: str = "int8"
+    """Format of the first_k and last_k blocks."""
+    blocks: dict[int, str] = field(default_factory=dict)
+    """Explicit format per block index (0-based)."""
+    overrides: dict[str, str] = field(default_factory=dict)
+    """Glob on qualified linear names -> format, applied last; each must select something."""
+    embedding: str = FP
+    """Token embedding precision: fp, int8 or int4 (per-row absmax)."""
+    head: str = FP
+    """Output head format (any weight format)."""
+    activation_bits: int | None = 8
+    """Per-token absmax bits for inputs of quantized linears; None turns it off."""
+
+    def __post_init__(self) -> None:
+        _check_format(self.default, "default")
+        for rule in ("attention", "mlp"):
+            if getattr(self, rule) is not None:
+                _check_format(getattr(self, rule), rule)
+        _check_format(self.boundary_format, "boundary_format")
+        _check_format(self.head, "head")
+        _check_format(self.embedding, "embedding", EMBEDDING_FORMATS)
+        for rule in ("first_k", "last_k"):
+            k = getattr(self, rule)
+            if isinstance(k, bool) or not isinstance(k, (int, float)) or k < 0:
+                raise PlanError(f"precision plan: {rule} must be a block count >= 0 or a "
+                                f"fraction of depth in (0, 1), got {k!r}")
+        self.blocks = {int(i): f for i, f in self.blocks.items()}
+        for i, fmt in self.blocks.items():
+            if i < 0:
+                raise PlanError(f"precision plan: block index {i} is negative; blocks are "
+                                f"numbered from 0")
+            _check_format(fmt, f"block {i}")
+        for pattern, fmt in self.overrides.items():
+            _check_format(fmt, f"override {pattern!r}")
+        if self.activation_bits is not None and not 2 <= self.activation_bits <= 16:
+            raise PlanError(f"precision plan: activation_bits must be between 2 and 16 or null "
+                            f"(off), got {self.activation_bits}")
+
+    def _count(self, k: int | float, n_layers: int) -> int:
+        return round(k * n_layers) if 0 < k < 1 else int(k)
+
+    def resolve(self, linear_names: list[str], n_layers: int, scheme: str) -> dict[str, str]:
+        """Concrete format of every named linear for a model of `n_layers` blocks."""
+        if scheme not in TERNARY_SCHEMES:
+            raise PlanError(f"unknown ternary scheme {scheme!r}; choose one of "
+                            f"{', '.join(TERNARY_SCHEMES)}")
+        first, last = self._count(self.first_k, n_layers), self._count(self.last_k, n_layers)
+        if first + last > n_layers:
+            raise PlanError(f"precision plan {self.name!r}: first_k={first} + last_k={last} "
+                            f"exceed the model's {n_layers} blocks")
+        for i in self.blocks:
+            if i >= n_layers:
+                raise PlanError(f"precision plan {self.name!r}: block index {i} is out of range "
+                                f"for a model with {n_layers} blocks (0..{n_layers - 1})")
+        formats = {}
+        for name in linear_names:
+            formats[name] = self._block_format(name, n_layers, first, last)
+        for pattern, fmt in self.overrides.items():
+            selected = fnmatch.filter(linear_names, pattern)
+            if not selected:
+                raise PlanError(f"precision plan {self.name!r}: override {pattern!r} selects no "
+                                f"layer; names look like {linear_names[0]!r}")
+            formats.update(dict.fromkeys(selected, fmt))
+        return {n: scheme if f == TERNARY else f for n, f in formats.items()}
+
+    def _block_format(self, name: str, n_layers: int, first: int, last: int) -> str:
+        match = _BLOCK_LINEAR.match(name)
+        if match is None:
+            return self.head
+        block, kind = int(match.group(1)), match.group(2)
+        fmt = self.default
+        fmt = (self.attention if kind == "attn" else self.mlp) or fmt
+        if block < first or block >= n_layers - last:
+            fmt = self.boundary_format
+        return self.blocks.get(block, fmt)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat string/number dict, e.g. for MLflow params."""
+        flat: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                value = ";".join(f"{k}={v}" for k, v in value.items())
+            flat[f"plan.{f.name}"] = "none" if value is None else value
+        return flat
+
+    @classmethod
+    def from_config(cls, value: str | dict[str, Any] | "PrecisionPlan") -> "PrecisionPlan":
+        """A preset name, a dict of fields (optionally with `preset:` to start from), or a plan."""
+        if isinstance(value, PrecisionPlan):
+            return value
+        if isinstance(value, str):
+            return preset(value)
+        if not isinstance(value, dict):
+            raise PlanError(f"precision plan must be a preset name or a mapping, got {value!r}")
+        fields = dict(value)
+        base = preset(fields.pop("preset")) if "preset" in fields else cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise PlanError(f"precision plan: unknown field(s) {', '.join(unknown)}; "
+                            f"known fields: {', '.join(sorted(known))}")
+        return dataclasses.replace(base, **fields)
+
+
+PRESETS: dict[str, PrecisionPlan] = {
+    p.name: p for p in (
+        PrecisionPlan(name="fp", default=FP, activation_bits=None),
+        PrecisionPlan(name="all_ternary"),
+        PrecisionPlan(name="boundary_int8", first_k=2, last_k=2, boundary_format="int8"),
+        # The paper's finding: middle blocks tolerate ternary best; int4 on the outer thirds.
+        PrecisionPlan(name="middle_ternary", first_k=1 / 3, last_k=1 / 3, boundary_format="int4"),
+    )
+}
+
+
+def preset(name: str) -> PrecisionPlan:
+    if name not in PRESETS:
+        raise PlanError(f"unknown precision plan {name!r}; presets: {', '.join(PRESETS)} "
+                        f"(or give a mapping of plan fields)")
+    return dataclasses.replace(PRESETS[name])
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def apply_plan(model: nn.Module, plan: PrecisionPlan, scheme: str, n_layers: int) -> dict[str, str]:
+    """Swap the model's linears and embeddings for quantized ones; returns name -> format."""
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    formats = plan.resolve(linears, n_layers, scheme)
+    for name, fmt in formats.items():
+        if fmt == FP:
+            continue
+        linear = model.get_submodule(name)
+        _set_submodule(model, name, QuantLinear.from_linear(
+            linear, WEIGHT_FORMATS[fmt](), plan.activation_bits))
+    if plan.embedding != FP:
+        for name, m in list(model.named_modules()):
+            if type(m) is nn.Embedding:
+                _set_submodule(model, name, QuantEmbedding.from_embedding(
+                    m, WEIGHT_FORMATS[plan.embedding]()))
+                formats[name] = plan.embedding
+    return formats
