@@ -24,6 +24,16 @@ def _describe(args: argparse.Namespace) -> None:
             print(f"{key:>22}: {value:,}" if isinstance(value, int) else f"{key:>22}: {value}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from ternarylm.config import TrialConfig
+    from ternarylm.trial import run_trial
+
+    result = run_trial(TrialConfig.from_yaml(args.config))
+    print(json.dumps({"run_id": result.run_id, "key": result.key, "status": result.status,
+                      "skipped": result.skipped, "seconds": result.seconds,
+                      "metrics": result.metrics}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ternarylm.model import SIZES
     from ternarylm.quantizers import TERNARY_SCHEMES
@@ -39,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="context length used for attention FLOPs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_describe)
+
+    p = sub.add_parser("train", help="train one model (one trial) from a YAML config")
+    p.add_argument("--config", required=True, help="YAML file of trial settings")
+    p.set_defaults(func=_train)
     return parser
 
 

@@ -141,9 +141,10 @@ class Learned(WeightQuantizer):
 
     def __init__(self) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.tensor(1.0))
+        # Shape [1], not []: DeepSpeed's broadcast over gloo cannot send 0-dim tensors.
+        self.scale = nn.Parameter(torch.ones(1))
         # The scale at initialisation, kept to report how far training moved it.
-        self.register_buffer("initial_scale", torch.tensor(1.0))
+        self.register_buffer("initial_scale", torch.ones(1))
 
     @torch.no_grad()
     def init_from(self, weight: torch.Tensor) -> None:

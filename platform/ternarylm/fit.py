@@ -1,0 +1,440 @@
+"""Scaling-law fits of final validation loss, following Chinchilla approach 3.
+
+Forms:
+    L(N)    = E + A * N^-alpha                    (one token budget)
+    L(N, D) = E + A * N^-alpha + B * D^-beta      (token budgets vary)
+
+The fit works on log-parameters e = log E, a = log A, b = log B: the predicted
+log-loss is logsumexp(a - alpha*log N, b - beta*log D, e), residuals are taken
+against log L, and a Huber loss (delta 1e-3) of the residuals is minimised with
+L-BFGS-B from a grid of starts, keeping the best. Intervals are 95% percentile
+bootstrap intervals over points resampled with replacement.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import optimize, special, stats
+from threadpoolctl import threadpool_limits
+
+HUBER_DELTA = 1e-3
+
+# Start grid. `a` and `b` are expressed at the geometric-mean N and D (see
+# _Problem), so their grid is a share of the observed loss, whatever the units.
+_E_SHARES = (0.2, 0.5, 0.8, 0.95)  # E as a share of the lowest observed loss
+_TERM_SHARES = (0.02, 0.1, 0.3, 0.7)  # a power-law term as a share of the median loss
+_EXPONENTS = (0.05, 0.2, 0.4, 0.7, 1.2)
+# L-BFGS runs only from the best grid points: the L(N,D) grid has 1600 of them,
+# and the vectorised objective ranks them all in one call.
+_N_STARTS = 16
+_LOG_BOUNDS = (-50.0, 50.0)
+_EXPONENT_BOUNDS = (0.0, 5.0)  # a negative exponent would make loss grow with scale
+_LBFGS_OPTIONS = {"maxiter": 1000, "ftol": 1e-13, "gtol": 1e-10}
+# Resamples the main fit would reject are redrawn; this caps the redraws.
+_MAX_DRAWS_PER_RESAMPLE = 50
+
+_GROUP_COLUMNS = ("scheme", "plan")
+
+
+class FitError(ValueError):
+    """The data cannot support the requested fit; the message says how to fix it."""
+
+
+@dataclass
+class ScalingFit:
+    form: str  # "L(N)" or "L(N,D)"
+    params: dict[str, float]  # E, A, alpha (and B, beta)
+    ci: dict[str, tuple[float, float]]  # 95% bootstrap intervals; empty when n_boot=0
+    n_points: int
+    objective: float  # summed Huber loss of the log residuals at the optimum
+
+    def predict(self, N: ArrayLike, D: ArrayLike | None = None) -> np.ndarray:
+        """Predicted loss at model size N (and token budget D for the L(N,D) form)."""
+        p = self.params
+        loss = p["E"] + p["A"] * np.asarray(N, dtype=float) ** -p["alpha"]
+        if self.form == "L(N,D)":
+            if D is None:
+                raise ValueError("this L(N,D) fit needs D (training tokens) to predict")
+            loss = loss + p["B"] * np.asarray(D, dtype=float) ** -p["beta"]
+        return np.asarray(loss)
+
+    def to_json(self) -> dict:
+        return {
+            "form": self.form,
+            **{k: float(v) for k, v in self.params.items()},
+            "ci": {k: [float(lo), float(hi)] for k, (lo, hi) in self.ci.items()},
+            "n_points": int(self.n_points),
+            "objective": float(self.objective),
+        }
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Log-space data. log N and log D are centred on their means so that `a`
+    and `alpha` are not nearly collinear (log N sits around 11-23), which
+    keeps L-BFGS well conditioned; _natural_params undoes the shift."""
+
+    x: np.ndarray  # log N - x_ref
+    y: np.ndarray | None  # log D - y_ref, None for L(N)
+    log_loss: np.ndarray
+    x_ref: float
+    y_ref: float
+
+    @classmethod
+    def from_data(cls, N: np.ndarray, loss: np.ndarray, D: np.ndarray | None) -> _Problem:
+        x = np.log(N)
+        y = None if D is None else np.log(D)
+        x_ref = float(x.mean())
+        y_ref = 0.0 if y is None else float(y.mean())
+        return cls(x - x_ref, None if y is None else y - y_ref, np.log(loss), x_ref, y_ref)
+
+    def subset(self, idx: np.ndarray) -> _Problem:
+        y = None if self.y is None else self.y[idx]
+        return _Problem(self.x[idx], y, self.log_loss[idx], self.x_ref, self.y_ref)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ("E", "A", "alpha") if self.y is None else ("E", "A", "alpha", "B", "beta")
+
+
+def _log_terms(theta: np.ndarray, prob: _Problem) -> np.ndarray:
+    """The logs of E, A*N^-alpha (and B*D^-beta); theta (..., p) -> (..., k, n)."""
+    e, a, alpha = theta[..., 0:1], theta[..., 1:2], theta[..., 2:3]
+    terms = [np.broadcast_to(e, e.shape[:-1] + prob.x.shape), a - alpha * prob.x]
+    if prob.y is not None:
+        b, beta = theta[..., 3:4], theta[..., 4:5]
+        terms.append(b - beta * prob.y)
+    return np.stack(terms, axis=-2)
+
+
+def _grid_objective(thetas: np.ndarray, prob: _Problem) -> np.ndarray:
+    pred = special.logsumexp(_log_terms(thetas, prob), axis=-2)
+    return special.huber(HUBER_DELTA, pred - prob.log_loss).sum(axis=-1)
+
+
+def _objective(theta: np.ndarray, prob: _Problem) -> tuple[float, np.ndarray]:
+    """Huber objective and its analytic gradient, both divided by delta:
+    L-BFGS-B's ftol is relative to max(|f|, 1), so on the raw objective (~1e-5)
+    it would stop short of the optimum."""
+    terms = _log_terms(theta, prob)
+    pred = special.logsumexp(terms, axis=0)
+    r = pred - prob.log_loss
+    # d pred / d term is the softmax weight of the term; Huber'(r) = clip(r).
+    g = np.clip(r, -HUBER_DELTA, HUBER_DELTA) * np.exp(terms - pred)
+    grad = [g[0].sum(), g[1].sum(), -(g[1] * prob.x).sum()]
+    if prob.y is not None:
+        grad += [g[2].sum(), -(g[2] * prob.y).sum()]
+    f = special.huber(HUBER_DELTA, r).sum()
+    return f / HUBER_DELTA, np.array(grad) / HUBER_DELTA
+
+
+def _bounds(prob: _Problem) -> list[tuple[float, float]]:
+    per_term = [_LOG_BOUNDS, _EXPONENT_BOUNDS]
+    return [_LOG_BOUNDS] + per_term * (1 if prob.y is None else 2)
+
+
+def _start_grid(prob: _Problem) -> np.ndarray:
+    loss_min = np.exp(prob.log_loss.min())
+    loss_mid = np.exp(np.median(prob.log_loss))
+    term = np.log(loss_mid * np.array(_TERM_SHARES))
+    axes = [np.log(loss_min * np.array(_E_SHARES)), term, np.array(_EXPONENTS)]
+    if prob.y is not None:
+        axes += [term, np.array(_EXPONENTS)]
+    mesh = np.meshgrid(*axes, indexing="ij")
+    return np.stack([m.ravel() for m in mesh], axis=1)
+
+
+def _minimise(prob: _Problem, starts: Sequence[np.ndarray]) -> tuple[np.ndarray, float]:
+    """Best L-BFGS-B optimum over the starts: (theta, raw Huber objective)."""
+    bounds = _bounds(prob)
+    best = min(
+        (
+            optimize.minimize(
+                _objective, s, args=(prob,), jac=True, method="L-BFGS-B",
+                bounds=bounds, options=_LBFGS_OPTIONS,
+            )
+            for s in starts
+        ),
+        key=lambda res: res.fun,
+    )
+    return best.x, float(best.fun) * HUBER_DELTA
+
+
+def _natural_params(theta: np.ndarray, prob: _Problem) -> np.ndarray:
+    """(e, a, alpha[, b, beta]) in centred coordinates -> (E, A, alpha[, B, beta])."""
+    out = [np.exp(theta[0]), np.exp(theta[1] + theta[2] * prob.x_ref), theta[2]]
+    if prob.y is not None:
+        out += [np.exp(theta[3] + theta[4] * prob.y_ref), theta[4]]
+    return np.array(out)
+
+
+def _shortage(N: np.ndarray, D: np.ndarray | None) -> str | None:
+    """Why these points cannot determine the fit, or None when they can."""
+    n_N = len(np.unique(N))
+    if D is None:
+        if n_N < 4:
+            return (
+                f"L(N) has 3 parameters and needs at least 4 distinct N values, got {n_N}; "
+                "add runs at more model sizes"
+            )
+        return None
+    n_D = len(np.unique(D))
+    if n_N < 3 or n_D < 3:
+        return (
+            "L(N,D) needs at least 3 distinct N and 3 distinct D values to separate the two "
+            f"power laws, got {n_N} N and {n_D} D; add runs at more model sizes and token budgets"
+        )
+    n_pairs = len(np.unique(np.stack([N, D], axis=1), axis=0))
+    if n_pairs < 6:
+        return (
+            f"L(N,D) has 5 parameters and needs at least 6 distinct (N, D) points, got {n_pairs}; "
+            "add runs"
+        )
+    return None
+
+
+def _bootstrap(
+    N: np.ndarray, D: np.ndarray | None, prob: _Problem, theta0: np.ndarray, n_boot: int, seed: int
+) -> np.ndarray:
+    """Natural parameters refitted on n_boot resamples, shape (n_boot, p).
+
+    Each refit starts from the full-data optimum only: resamples stay close to
+    the data, and a full start grid per resample would cost n_boot times more.
+    Resamples with too few distinct points are redrawn, since their refit would
+    not move from the start and would narrow the intervals spuriously."""
+    rng = np.random.default_rng(seed)
+    n = len(N)
+    samples = []
+    for _ in range(n_boot * _MAX_DRAWS_PER_RESAMPLE):
+        idx = rng.integers(0, n, size=n)
+        if _shortage(N[idx], None if D is None else D[idx]) is not None:
+            continue
+        sub = prob.subset(idx)
+        theta, _ = _minimise(sub, [theta0])
+        samples.append(_natural_params(theta, sub))
+        if len(samples) == n_boot:
+            return np.array(samples)
+    raise FitError(
+        f"only {len(samples)} of {n_boot} bootstrap resamples had enough distinct points; "
+        "add runs, or pass n_boot=0 to skip the intervals"
+    )
+
+
+def _as_array(values: ArrayLike, name: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=float)
+    if arr.ndim != 1:
+        raise FitError(f"{name} must be a 1-D sequence of numbers, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr) & (arr > 0)):
+        raise FitError(f"{name} must hold positive finite numbers; drop or fix the other rows")
+    return arr
+
+
+def _inputs(
+    N: ArrayLike, loss: ArrayLike, D: ArrayLike | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    N_arr, loss_arr = _as_array(N, "N"), _as_array(loss, "loss")
+    D_arr = None if D is None else _as_array(D, "D")
+    lengths = {len(N_arr), len(loss_arr)} | ({len(D_arr)} if D_arr is not None else set())
+    if len(lengths) != 1:
+        raise FitError(f"N, loss (and D) must have the same length, got lengths {sorted(lengths)}")
+    return N_arr, loss_arr, D_arr
+
+
+def fit_scaling_law(
+    N: ArrayLike, loss: ArrayLike, D: ArrayLike | None = None, *, n_boot: int = 200, seed: int = 0
+) -> ScalingFit:
+    """Fit L(N), or L(N,D) when D is given and varies, to final losses.
+
+    A D that takes a single value is ignored: its term is then a constant that
+    E absorbs. n_boot=0 skips the bootstrap and leaves `ci` empty.
+    """
+    if n_boot < 0:
+        raise FitError(f"n_boot must be >= 0, got {n_boot}")
+    N_arr, loss_arr, D_arr = _inputs(N, loss, D)
+    if D_arr is not None and len(np.unique(D_arr)) == 1:
+        D_arr = None
+    if (msg := _shortage(N_arr, D_arr)) is not None:
+        raise FitError(msg)
+
+    prob = _Problem.from_data(N_arr, loss_arr, D_arr)
+    grid = _start_grid(prob)
+    starts = grid[np.argsort(_grid_objective(grid, prob), kind="stable")[:_N_STARTS]]
+    ci: dict[str, tuple[float, float]] = {}
+    # L-BFGS-B calls BLAS on 3x3..5x5 problems thousands of times; OpenBLAS
+    # threads there slow the fit ~10x on a busy machine.
+    with threadpool_limits(limits=1, user_api="blas"):
+        theta, objective = _minimise(prob, list(starts))
+        if n_boot:
+            samples = _bootstrap(N_arr, D_arr, prob, theta, n_boot, seed)
+            lo, hi = np.percentile(samples, [2.5, 97.5], axis=0)
+            ci = {name: (float(lo[i]), float(hi[i])) for i, name in enumerate(prob.names)}
+
+    params = dict(zip(prob.names, (float(v) for v in _natural_params(theta, prob))))
+    form = "L(N)" if D_arr is None else "L(N,D)"
+    return ScalingFit(form, params, ci, len(N_arr), objective)
+
+
+def holdout_check(N: ArrayLike, loss: ArrayLike, D: ArrayLike | None = None, **kw) -> dict:
+    """Fit without the largest N and score the prediction of its loss.
+
+    When several points share the largest N (several token budgets), predicted,
+    actual and the errors are means over those points. `kw` goes to
+    fit_scaling_law; n_boot defaults to 0 since a point prediction needs no
+    intervals.
+    """
+    kw.setdefault("n_boot", 0)
+    N_arr, loss_arr, D_arr = _inputs(N, loss, D)
+    held = N_arr == N_arr.max()
+    try:
+        fit = fit_scaling_law(
+            N_arr[~held], loss_arr[~held], None if D_arr is None else D_arr[~held], **kw
+        )
+    except FitError as e:
+        raise FitError(f"held-out check (largest N removed): {e}") from e
+    predicted = fit.predict(N_arr[held], None if D_arr is None else D_arr[held])
+    actual = loss_arr[held]
+    abs_err = np.abs(predicted - actual)
+    return {
+        "held_out_N": float(N_arr.max()),
+        "n_held_out": int(held.sum()),
+        "predicted": float(predicted.mean()),
+        "actual": float(actual.mean()),
+        "abs_error": float(abs_err.mean()),
+        "rel_error": float((abs_err / actual).mean()),
+    }
+
+
+_Rows = list[tuple[int, list[str]]]  # (1-based line number, fields)
+
+
+def _read_rows(path: Path) -> tuple[list[str], _Rows]:
+    """Header (stripped) and non-blank data rows with their 1-based line numbers."""
+    try:
+        with path.open(newline="") as f:
+            rows = [(i, row) for i, row in enumerate(csv.reader(f), start=1) if row]
+    except OSError as e:
+        raise FitError(f"{path}: cannot read the file ({e.strerror})") from e
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise FitError(f"{path}: not a readable CSV file ({e})") from e
+    if not rows:
+        raise FitError(f"{path}: empty file; expected a header row with columns N, loss (and D)")
+    return [h.strip() for h in rows[0][1]], rows[1:]
+
+
+def _column(path: Path, header: list[str], rows: _Rows, name: str) -> np.ndarray:
+    col = header.index(name)
+    values = []
+    for line, row in rows:
+        text = row[col].strip() if col < len(row) else ""
+        try:
+            value = float(text)
+        except ValueError:
+            raise FitError(
+                f"{path} line {line}: column '{name}' has non-numeric value {text!r}; "
+                f"every {name} must be a positive number"
+            ) from None
+        if not (np.isfinite(value) and value > 0):
+            raise FitError(
+                f"{path} line {line}: column '{name}' has non-positive or non-finite value "
+                f"{text!r}; every {name} must be a positive number"
+            )
+        values.append(value)
+    return np.array(values)
+
+
+_Table = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # N, loss, D
+
+
+def _read_groups(path: Path, by: Sequence[str]) -> dict[tuple[str, ...], tuple[str, _Table]]:
+    """(label, table) per group of rows sharing the values of the `by` columns
+    present in the file; keys are those values, () when none is present."""
+    header, rows = _read_rows(path)
+    for name in ("N", "loss"):
+        if name not in header:
+            raise FitError(
+                f"{path}: missing column '{name}' (found {', '.join(header)}); the CSV needs a "
+                "header row with columns N, loss, and D when token budgets vary"
+            )
+    if not rows:
+        raise FitError(f"{path}: no data rows under the header; add one row per run")
+    group_names = [c for c in by if c in header]
+    group_cols = [header.index(c) for c in group_names]
+    grouped: dict[tuple[str, ...], _Rows] = {}
+    for line, row in rows:
+        key = tuple(row[c].strip() if c < len(row) else "" for c in group_cols)
+        grouped.setdefault(key, []).append((line, row))
+
+    out = {}
+    for key, group_rows in grouped.items():
+        N, loss = _column(path, header, group_rows, "N"), _column(path, header, group_rows, "loss")
+        D = _column(path, header, group_rows, "D") if "D" in header else None
+        label = ", ".join(f"{c}={v}" for c, v in zip(group_names, key))
+        out[key] = (f"{path} ({label})" if label else str(path), (N, loss, D))
+    return out
+
+
+def _fit_table(label: str, table: _Table, **kw) -> ScalingFit:
+    N, loss, D = table
+    try:
+        return fit_scaling_law(N, loss, D, **kw)
+    except FitError as e:
+        raise FitError(f"{label}: {e}") from e
+
+
+def fit_csv_groups(
+    path: str | Path, by: Sequence[str] = _GROUP_COLUMNS, **kw
+) -> dict[tuple[str, ...], ScalingFit]:
+    """One fit per group of rows sharing the values of the `by` columns present
+    in the file (by default scheme and plan); keys are those values in `by`
+    order, () when none of the columns is present. `kw` goes to fit_scaling_law."""
+    groups = _read_groups(Path(path), by)
+    return {key: _fit_table(label, table, **kw) for key, (label, table) in groups.items()}
+
+
+def fit_csv(path: str | Path, **kw) -> ScalingFit:
+    """Fit the table in a CSV with columns N, loss and optionally D (L(N,D) then).
+
+    Extra columns are ignored, except that a file holding several
+    (scheme, plan) groups is refused rather than fitted as one law.
+    `kw` goes to fit_scaling_law.
+    """
+    groups = _read_groups(Path(path), _GROUP_COLUMNS)
+    if len(groups) > 1:
+        raise FitError(
+            f"{path}: holds {len(groups)} (scheme, plan) groups; fit each separately "
+            "(fit_csv_groups) or filter the file to one group"
+        )
+    label, table = next(iter(groups.values()))
+    return _fit_table(label, table, **kw)
+
+
+def compare_to_baseline(values_by_group: dict[str, list[float]], baseline: str) -> dict:
+    """Per group: mean, std (sample, ddof=1), n, the difference of means from the
+    baseline and a Welch t-test p-value against it. std and p_value are None when
+    a side has fewer than 2 values; the baseline's own p_value is None."""
+    if baseline not in values_by_group:
+        raise ValueError(f"baseline group {baseline!r} not among groups {sorted(values_by_group)}")
+    base = np.asarray(values_by_group[baseline], dtype=float)
+    base_mean = float(base.mean()) if len(base) else None
+    out = {}
+    for group, values in values_by_group.items():
+        v = np.asarray(values, dtype=float)
+        mean = float(v.mean()) if len(v) else None
+        p_value = None
+        if group != baseline and len(v) >= 2 and len(base) >= 2:
+            p = float(stats.ttest_ind(v, base, equal_var=False).pvalue)
+            p_value = None if np.isnan(p) else p  # nan: both groups have zero variance
+        out[group] = {
+            "mean": mean,
+            "std": float(v.std(ddof=1)) if len(v) >= 2 else None,
+            "n": len(v),
+            "diff": None if mean is None or base_mean is None else mean - base_mean,
+            "p_value": p_value,
+        }
+    return out

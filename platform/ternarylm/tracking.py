@@ -1,0 +1,171 @@
+"""MLflow: where runs live, one run per trial nested under its study, metrics without duplicates.
+
+The tracking URI comes from $MLFLOW_TRACKING_URI; without it, a SQLite store under
+$TERNARYLM_HOME (default ~/.ternarylm). Runs are created by drivers, never by training workers,
+so a restarted worker continues the same run; only rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+import ternarylm
+from ternarylm.config import ConfigError, ternarylm_home
+
+TRIAL_KEY_TAG = "ternarylm.trial_key"
+STUDY_KEY_TAG = "ternarylm.study_key"
+PARENT_TAG = "mlflow.parentRunId"
+_BATCH = 100  # MLflow's REST API caps a log_batch at 1,000 metrics and 100 params
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    home = ternarylm_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def check_tracking(uri: str) -> None:
+    """Fail fast, in one line, when the tracking server does not answer."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        client(uri).search_experiments(max_results=1)
+    except Exception as e:  # any failure here means no run can be recorded
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"MLflow tracking URI {uri} does not answer ({first_line[:200]}); "
+                          f"start the server or unset MLFLOW_TRACKING_URI to use the local "
+                          f"SQLite store") from None
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    """The experiment's id, creating it (once, in a driver) if needed."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        # A SQLite store's default artifact root is relative to the current directory, which a
+        # `ray job submit` working dir deletes; keep artifacts beside the database instead.
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:
+        return c.get_experiment_by_name(name).experiment_id  # created meanwhile by another driver
+
+
+def find_run(uri: str, experiment_id: str, tag: str, value: str) -> Any | None:
+    runs = client(uri).search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def start_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
+              parent_run_id: str | None = None) -> str:
+    """A new run (RUNNING) with our tags, the package version and the git commit."""
+    tags = {**tags, "ternarylm.version": ternarylm.__version__, "mlflow.runName": run_name}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    return client(uri).create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+def resume_run(uri: str, run_id: str) -> None:
+    client(uri).update_run(run_id, status="RUNNING")
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
+    c = client(uri)
+    if reason:
+        c.set_tag(run_id, "ternarylm.failure", reason[:4000])
+    c.set_terminated(run_id, status=status)
+
+
+def run_status(uri: str, run_id: str) -> str:
+    return client(uri).get_run(run_id).info.status
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Log params once; a run resumed with the same config re-logs nothing."""
+    c = client(uri)
+    existing = c.get_run(run_id).data.params
+    items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    for i in range(0, len(items), _BATCH):
+        c.log_batch(run_id, params=items[i:i + _BATCH])
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+class MetricLog:
+    """Buffers per-step metrics and writes them in batches, each step at most once.
+
+    After a restart from a checkpoint at step S, training recomputes steps S+1.. that may
+    already be in MLflow; `resume` finds the last logged step so those are not written twice.
+    """
+
+    def __init__(self, uri: str, run_id: str, enabled: bool, progress_key: str) -> None:
+        self.uri, self.run_id, self.enabled, self.progress_key = uri, run_id, enabled, progress_key
+        self.buffer: list[Metric] = []
+        self.last_logged = -1
+        if enabled:
+            history = client(uri).get_metric_history(run_id, progress_key)
+            self.last_logged = max((m.step for m in history), default=-1)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled or step <= self.last_logged:
+            return
+        now = int(time.time() * 1000)
+        self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+    def flush(self) -> None:
+        if not self.enabled or not self.buffer:
+            return
+        c = client(self.uri)
+        for i in range(0, len(self.buffer), 1000):
+            c.log_batch(self.run_id, metrics=self.buffer[i:i + 1000])
+        self.buffer = []
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client(uri).get_metric_history(run_id, key))
+
+
+def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    path = Path(path)
+    c = client(uri)
+    if path.is_dir():
+        c.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        c.log_artifact(run_id, str(path), artifact_path)
+
+
+def status_is_final(status: str) -> bool:
+    return RunStatus.is_terminated(RunStatus.from_string(status))

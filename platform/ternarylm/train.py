@@ -1,0 +1,281 @@
+"""The training loop one Ray Train worker runs: a DeepSpeed engine over a quantized model.
+
+Every rank trains on its own windows of the corpus; rank 0 alone writes to MLflow. Checkpoints
+are DeepSpeed checkpoints handed to `ray.train.report`, and a restarted worker resumes from
+`ray.train.get_checkpoint()` at the same step and data position (the sampler is a pure function
+of the step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ternarylm.analysis import block_sparsity, layer_stats, packed_bytes
+from ternarylm.config import TrialConfig
+from ternarylm.data import PreparedData, WindowSampler, eval_batches, prepare_data
+from ternarylm.model import TernaryLM
+from ternarylm.plans import apply_plan
+from ternarylm.quantizers import TERNARY_SCHEMES
+from ternarylm import tracking
+
+CHECKPOINT_TAG = "ckpt"
+PROGRESS_METRIC = "train/loss"
+MODEL_CONFIG_FILE = "ternarylm.json"
+MODEL_WEIGHTS_FILE = "model.safetensors"
+
+# Dense bf16 peak of known accelerators, for model FLOPs utilisation.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def lr_lambda(cfg, step: int) -> float:
+    """Learning rate multiplier at optimizer step `step` (0-based) for cosine or WSD."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.schedule == "cosine":
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = t.steps - int(t.decay_fraction * t.steps)
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(1, t.steps - decay_start)
+    return 1.0 - (1 - t.min_lr_ratio) * min(1.0, progress)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: norms, biases and learned quantizer scales are left alone."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "weight_quantizer" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg: TrialConfig, bf16: bool) -> dict[str, Any]:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * cfg.num_workers,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class TrialRuntime:
+    """What a worker needs beyond the config: where to log, and which run."""
+
+    tracking_uri: str
+    run_id: str
+
+
+def train_worker(payload: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker (`train_loop_per_worker`)."""
+    cfg = TrialConfig.from_dict(payload["trial"])
+    # DeepSpeed picks its accelerator at import; without this it may probe for CUDA on CPU hosts.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")
+    import deepspeed
+    import ray.train
+
+    runtime = TrialRuntime(**payload["runtime"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.use_gpu else torch.device("cpu")
+    if cfg.use_gpu:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(cfg.cpus_per_worker)
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cfg.use_gpu)
+
+    data = prepare_data(cfg.data)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model_cfg = cfg.model_config(data.vocab_size)
+    model = TernaryLM(model_cfg)
+    formats = apply_plan(model, cfg.plan, cfg.scheme, model_cfg.n_layers)
+    model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                  betas=cfg.train.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, bf16))
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client_state = engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
+        step = client_state["step"]
+
+    log = tracking.MetricLog(runtime.tracking_uri, runtime.run_id, rank == 0, PROGRESS_METRIC)
+    loop = _Loop(cfg, engine, data, formats, rank, world, device, log)
+    loop.run(step)
+
+
+class _Loop:
+    def __init__(self, cfg: TrialConfig, engine, data: PreparedData, formats: dict[str, str],
+                 rank: int, world: int, device: torch.device, log: tracking.MetricLog) -> None:
+        self.cfg, self.engine, self.data, self.formats = cfg, engine, data, formats
+        self.rank, self.world, self.device, self.log = rank, world, device, log
+        t = cfg.train
+        self.sampler = WindowSampler(data.tokens("train"), cfg.seq_len, t.micro_batch,
+                                     rank, world, cfg.seed)
+        self.model_cfg = engine.module.cfg
+        self.flops_per_token = self.model_cfg.flops_per_token(cfg.seq_len)
+        self.peak_flops = _peak_flops(device)
+
+    def run(self, step: int) -> None:
+        import ray.train
+
+        t = self.cfg.train
+        window_start, window_tokens = time.perf_counter(), 0
+        while step < t.steps:
+            loss = self._train_step(step)
+            step += 1
+            window_tokens += self.cfg.global_batch_tokens
+            if not math.isfinite(loss):
+                self._diverged(step, loss)
+                return
+            metrics: dict[str, float] = {"step": step}
+            if step % t.log_every == 0 or step == t.steps:
+                elapsed = time.perf_counter() - window_start
+                metrics |= self._train_metrics(step, loss, window_tokens / elapsed)
+                window_start, window_tokens = time.perf_counter(), 0
+            if step % t.eval_every == 0 or step == t.steps:
+                metrics |= self.evaluate(step)
+            self.log.log(step, {k: v for k, v in metrics.items() if k != "step"})
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                self.log.flush()  # before the checkpoint: a resume never leaves a gap
+                self._checkpoint(step, metrics)
+            elif len(metrics) > 1:
+                ray.train.report(metrics)
+        self.log.flush()
+        if self.rank == 0:
+            self._export_model()
+
+    def _train_step(self, step: int) -> float:
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.cfg.train.grad_accum):
+            x, y = (b.to(self.device) for b in self.sampler.batch(step, micro))
+            logits = self.engine(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                   label_smoothing=self.cfg.train.label_smoothing)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach()
+        total /= self.cfg.train.grad_accum
+        dist.all_reduce(total)  # every rank must agree on divergence
+        return float(total) / self.world
+
+    def _train_metrics(self, step: int, loss: float, tokens_per_s: float) -> dict[str, float]:
+        tokens = step * self.cfg.global_batch_tokens
+        flops_per_s = tokens_per_s * self.flops_per_token
+        m = {PROGRESS_METRIC: loss, "train/lr": self.engine.get_lr()[0],
+             "perf/tokens_per_s": tokens_per_s, "perf/flops_per_s": flops_per_s,
+             "progress/tokens": tokens, "progress/flops": tokens * self.flops_per_token,
+             "memory/peak_rss_bytes": _peak_rss_bytes()}
+        if self.peak_flops:
+            m["perf/mfu"] = flops_per_s / (self.peak_flops * self.world)
+        if self.device.type == "cuda":
+            m["memory/peak_cuda_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return m
+
+    @torch.no_grad()
+    def _mean_loss(self, split: str, max_tokens: int | None) -> float:
+        """Mean next-token loss over `split` in eval mode, windows shared out across ranks."""
+        self.engine.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for x, y in eval_batches(self.data.tokens(split), self.cfg.seq_len, self.cfg.train.micro_batch,
+                                 self.rank, self.world, max_tokens):
+            logits = self.engine(x.to(self.device))
+            sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten(),
+                                       reduction="sum").double()
+            sums[1] += y.numel()
+        self.engine.train()
+        dist.all_reduce(sums)
+        return float(sums[0] / sums[1])
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        t = self.cfg.train
+        val = self._mean_loss("validation", t.eval_max_tokens)
+        train = self._mean_loss("train", t.train_sample_tokens)
+        val_ppl, train_ppl = math.exp(min(val, 80)), math.exp(min(train, 80))
+        rows = layer_stats(self.engine.module)
+        m = {"val/loss": val, "val/ppl": val_ppl,
+             "val/bpb": val / math.log(2) / self.data.bytes_per_token("validation"),
+             "train_sample/loss": train, "train_sample/ppl": train_ppl,
+             "train_val_ratio": val_ppl / train_ppl,
+             "memory/latent_fp32_bytes": 4 * sum(p.numel() for p in self.engine.module.parameters()),
+             "memory/packed_bytes": packed_bytes(self.engine.module, self.formats)}
+        ternary = [r for r in rows if r["format"] in TERNARY_SCHEMES]
+        if ternary:
+            numel = sum(r["numel"] for r in ternary)
+            m["sparsity/ternary"] = sum(r["zero_fraction"] * r["numel"] for r in ternary) / numel
+            m["bits/effective_ternary"] = sum(r["effective_bits"] * r["numel"] for r in ternary) / numel
+        m |= {f"sparsity/block_{b:02d}": s for b, s in block_sparsity(rows).items()}
+        learned = [r for r in rows if "scale_initial" in r]
+        if learned:
+            m["scale/learned_drift"] = sum(r["scale_mean"] / r["scale_initial"] for r in learned) / len(learned)
+        return m
+
+    def _checkpoint(self, step: int, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as d:
+            # A collective: every rank writes its shard, then every rank reports its directory.
+            self.engine.save_checkpoint(d, tag=CHECKPOINT_TAG, client_state={"step": step})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def _diverged(self, step: int, loss: float) -> None:
+        import ray.train
+
+        self.log.log(step, {PROGRESS_METRIC: loss})
+        self.log.flush()
+        ray.train.report({"step": step, "diverged": 1.0, PROGRESS_METRIC: loss})
+
+    def _export_model(self) -> None:
+        """The final latent model, its layer table and its config, as MLflow artifacts."""
+        from safetensors.torch import save_file
+
+        model = self.engine.module
+        # Clones: DeepSpeed keeps parameters as views into flat buffers, which safetensors refuses.
+        state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        with tempfile.TemporaryDirectory() as d:
+            save_file(state, os.path.join(d, MODEL_WEIGHTS_FILE))
+            meta = {"model": model.cfg.__dict__, "trial": self.cfg.to_dict(),
+                    "formats": self.formats, "eos_id": self.data.eos_id}
+            Path(d, MODEL_CONFIG_FILE).write_text(json.dumps(meta, indent=1, default=str))
+            self.data.tokenizer().save(os.path.join(d, "tokenizer.json"))
+            Path(d, "layers.json").write_text(json.dumps(layer_stats(model), indent=1))
+            tracking.log_artifact(self.log.uri, self.log.run_id, d, "model")
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
