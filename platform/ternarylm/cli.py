@@ -34,6 +34,19 @@ def _train(args: argparse.Namespace) -> None:
                       "metrics": result.metrics}))
 
 
+def _fit(args: argparse.Namespace) -> None:
+    from ternarylm.fit import fit_csv
+
+    fit = fit_csv(args.csv, n_boot=args.bootstrap, seed=args.seed)
+    if args.json:
+        print(json.dumps(fit.to_json()))
+        return
+    print(f"{fit.form} fitted on {fit.n_points} points")
+    for name, value in fit.params.items():
+        low, high = fit.ci.get(name, (float("nan"), float("nan")))
+        print(f"{name:>6} = {value:.6g}   95% CI [{low:.6g}, {high:.6g}]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ternarylm.model import SIZES
     from ternarylm.quantizers import TERNARY_SCHEMES
@@ -53,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model (one trial) from a YAML config")
     p.add_argument("--config", required=True, help="YAML file of trial settings")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("fit", help="fit L(N) = E + A N^-alpha (+ B D^-beta) to a CSV of N, D, loss")
+    p.add_argument("csv", help="CSV with columns N, loss and optionally D")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the CIs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_fit)
     return parser
 
 

@@ -8,7 +8,6 @@ of the step).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import resource
@@ -16,7 +15,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ternarylm.analysis import block_sparsity, layer_stats, packed_bytes
+from ternarylm.artifacts import ARTIFACT_PATH, save_trained
 from ternarylm.config import TrialConfig
 from ternarylm.data import PreparedData, WindowSampler, eval_batches, prepare_data
 from ternarylm.model import TernaryLM
@@ -34,8 +33,6 @@ from ternarylm import tracking
 
 CHECKPOINT_TAG = "ckpt"
 PROGRESS_METRIC = "train/loss"
-MODEL_CONFIG_FILE = "ternarylm.json"
-MODEL_WEIGHTS_FILE = "model.safetensors"
 
 # Dense bf16 peak of known accelerators, for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -252,20 +249,11 @@ class _Loop:
         ray.train.report({"step": step, "diverged": 1.0, PROGRESS_METRIC: loss})
 
     def _export_model(self) -> None:
-        """The final latent model, its layer table and its config, as MLflow artifacts."""
-        from safetensors.torch import save_file
-
-        model = self.engine.module
-        # Clones: DeepSpeed keeps parameters as views into flat buffers, which safetensors refuses.
-        state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        """The final model, config and tokenizer, as the run's `model/` artifact."""
         with tempfile.TemporaryDirectory() as d:
-            save_file(state, os.path.join(d, MODEL_WEIGHTS_FILE))
-            meta = {"model": model.cfg.__dict__, "trial": self.cfg.to_dict(),
-                    "formats": self.formats, "eos_id": self.data.eos_id}
-            Path(d, MODEL_CONFIG_FILE).write_text(json.dumps(meta, indent=1, default=str))
-            self.data.tokenizer().save(os.path.join(d, "tokenizer.json"))
-            Path(d, "layers.json").write_text(json.dumps(layer_stats(model), indent=1))
-            tracking.log_artifact(self.log.uri, self.log.run_id, d, "model")
+            save_trained(d, self.engine.module, self.cfg, self.formats, self.data.tokenizer(),
+                         self.data.eos_id)
+            tracking.log_artifact(self.log.uri, self.log.run_id, d, ARTIFACT_PATH)
 
 
 def _peak_rss_bytes() -> int:
