@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ternarylm.model import ModelConfig, TernaryLM
+from ternarylm.model import ModelConfig, TernaryLM, model_config
 from ternarylm.plans import PrecisionPlan, apply_plan
 from ternarylm.quantizers import FP, TERNARY_SCHEMES, QuantEmbedding, QuantLinear, format_bits
 
@@ -103,3 +103,8 @@ def describe(cfg: ModelConfig, plan: PrecisionPlan, scheme: str) -> dict[str, An
         "formats": dict(sorted({f: sum(1 for v in formats.values() if v == f)
                                 for f in set(formats.values())}.items())),
     }
+
+
+def has_ternary_layers(size: str, plan: PrecisionPlan) -> bool:
+    """Whether a plan puts any layer of this size in a ternary scheme (fp does not)."""
+    return describe(model_config(size, vocab_size=256), plan, TERNARY_SCHEMES[0])["ternary_weights"] > 0

@@ -91,9 +91,10 @@ class ModelConfig:
 
 SIZES: dict[str, ModelConfig] = {
     name: ModelConfig(width=w, n_layers=l, n_heads=h) for name, (w, l, h) in {
-        "tiny": (64, 4, 4),           # 0.2M non-embedding block params
+        "nano": (48, 4, 4),           # 0.11M non-embedding block params
+        "tiny": (64, 4, 4),           # 0.2M
         "micro": (128, 4, 4),         # 0.8M
-        "mini": (256, 6, 4),          # 4.7M
+        "mini": (192, 4, 4),          # 1.8M
         "small": (384, 6, 6),         # 10.6M
         "medium": (512, 8, 8),        # 25M
         "paper-132m": (768, 12, 12),  # 85M block params, 131.9M total with V = 30,522

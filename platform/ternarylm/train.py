@@ -162,7 +162,7 @@ class _Loop:
             if step % t.checkpoint_every == 0 or step == t.steps:
                 self.log.flush()  # before the checkpoint: a resume never leaves a gap
                 self._checkpoint(step, metrics)
-            elif len(metrics) > 1:
+            elif "val/loss" in metrics:  # Tune schedulers rank trials by it
                 ray.train.report(metrics)
         self.log.flush()
         if self.rank == 0:

@@ -1,0 +1,251 @@
+"""Studies: a grid of trials (sizes x schemes x plans x seeds) scheduled by Ray Tune.
+
+Each Tune trial is a small function that launches its trial's `TorchTrainer` (Ray Train V2
+pattern: the trainer is not handed to `tune.Tuner`). A study is one MLflow parent run; trials are
+keyed by a hash of their config, so running a study again skips finished trials, resumes
+unfinished ones from their checkpoints, and trains only cells added to the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ternarylm import tracking
+from ternarylm.analysis import has_ternary_layers
+from ternarylm.config import ConfigError, TrialConfig, _build, load_yaml
+from ternarylm.plans import PrecisionPlan
+from ternarylm.quantizers import TERNARY_SCHEMES
+from ternarylm.trial import run_trial
+from ternarylm.trial import storage_path as trial_storage_path
+
+STUDY_TAG = "ternarylm.study"
+DRIVER_RESOURCE = "trial_driver"  # a custom resource cluster heads advertise for trial drivers
+
+
+@dataclass
+class StudyConfig:
+    name: str = "scaling"
+    """Study name: the MLflow parent run, and the key that lets a rerun continue the study."""
+    sizes: list[str] = field(default_factory=lambda: ["tiny", "micro", "mini"])
+    """Model sizes (see `ternarylm describe`)."""
+    schemes: list[str] = field(default_factory=lambda: ["absmean", "learned"])
+    """Ternary scaling-factor schemes."""
+    plans: list[Any] = field(default_factory=lambda: ["fp", "all_ternary"])
+    """Precision plans: preset names or mappings of plan fields."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds; several give cross-seed mean, std and significance tests."""
+    tokens: int | None = None
+    """Training tokens per trial (fixed budget); exclusive with tokens_per_param."""
+    tokens_per_param: float | None = None
+    """Training tokens = this x non-embedding parameters (20 is Chinchilla-optimal)."""
+    warmup_fraction: float = 0.1
+    """Warmup steps as a fraction of each trial's steps."""
+    evals_per_trial: int = 4
+    """Evaluations (and checkpoints) per trial; the last is at the final step."""
+    trial: dict[str, Any] = field(default_factory=dict)
+    """Settings shared by every trial (TrialConfig fields: seq_len, data, train, num_workers...)."""
+    max_concurrent: int = 2
+    """Trials running at once."""
+    scheduler: str = "fifo"
+    """`fifo` (every trial to the end: right for fits) or `asha` (early stopping)."""
+    assumed_mfu: float = 0.35
+    """Model FLOPs utilisation assumed by the dry run's GPU-hour estimate."""
+    gpu_peak_flops: float = 989e12
+    """Peak FLOP/s of one GPU for that estimate (H100 dense bf16)."""
+    glue_tasks: list[str] = field(default_factory=list)
+    """GLUE tasks to fine-tune every finished trial on (mrpc, sst2, cola)."""
+
+    def __post_init__(self) -> None:
+        for name in ("sizes", "schemes", "plans", "seeds"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"study.{name} must be a non-empty list, got {value!r}")
+        for scheme in self.schemes:
+            if scheme not in TERNARY_SCHEMES:
+                raise ConfigError(f"study.schemes: unknown scheme {scheme!r}; choose from "
+                                  f"{', '.join(TERNARY_SCHEMES)}")
+        if (self.tokens is None) == (self.tokens_per_param is None):
+            raise ConfigError("study: give exactly one of tokens (a fixed budget per trial) or "
+                              "tokens_per_param (budget = k x parameters)")
+        budget = self.tokens if self.tokens is not None else self.tokens_per_param
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+            raise ConfigError(f"study: the token budget must be positive, got {budget!r}")
+        if self.scheduler not in ("fifo", "asha"):
+            raise ConfigError(f"study.scheduler must be fifo or asha, got {self.scheduler!r}")
+        if self.max_concurrent < 1 or self.evals_per_trial < 1:
+            raise ConfigError("study.max_concurrent and study.evals_per_trial must be >= 1")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"study.warmup_fraction must be in [0, 1), got "
+                              f"{self.warmup_fraction}")
+        if "train" in self.trial and "steps" in self.trial["train"]:
+            raise ConfigError("study.trial.train.steps is set by the study from its token "
+                              "budget; remove it and set tokens or tokens_per_param")
+        self.plans = [PrecisionPlan.from_config(p) for p in self.plans]
+        self.trials()  # every cell must be a valid trial before anything starts
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "StudyConfig":
+        return _build(cls, load_yaml(path), "study")
+
+    def _trial(self, size: str, scheme: str, plan: PrecisionPlan, seed: int) -> TrialConfig:
+        shared = copy.deepcopy(self.trial)
+        base = TrialConfig.from_dict({**shared, "size": size, "scheme": scheme, "plan": plan,
+                                      "seed": seed})
+        params = base.model_config(256).param_counts()["params_non_embedding"]
+        tokens = self.tokens or int(self.tokens_per_param * params)
+        steps = max(2, math.ceil(tokens / base.global_batch_tokens))
+        every = max(1, steps // self.evals_per_trial)
+        train = {**shared.get("train", {}), "steps": steps,
+                 "warmup_steps": min(steps - 1, int(self.warmup_fraction * steps)),
+                 "eval_every": every, "checkpoint_every": every, "log_every": min(10, every)}
+        return TrialConfig.from_dict({**shared, "size": size, "scheme": scheme, "plan": plan,
+                                      "seed": seed, "train": train,
+                                      "experiment": shared.get("experiment", "ternarylm")})
+
+    def trials(self) -> list[TrialConfig]:
+        """The grid, one trial per distinct config: a plan without ternary layers (fp) trains
+        once per size and seed, not once per scheme."""
+        trials: dict[str, TrialConfig] = {}
+        for size in self.sizes:
+            for plan in self.plans:
+                schemes = self.schemes if has_ternary_layers(size, plan) else self.schemes[:1]
+                for scheme in schemes:
+                    for seed in self.seeds:
+                        t = self._trial(size, scheme, plan, seed)
+                        trials.setdefault(t.key(), t)
+        return list(trials.values())
+
+
+def trial_table(study: StudyConfig) -> list[dict[str, Any]]:
+    """What the study will run: params, tokens, FLOPs and GPU-hours at the assumed MFU."""
+    rows = []
+    for t in study.trials():
+        cfg = t.model_config(256)
+        tokens = t.train.steps * t.global_batch_tokens
+        flops = cfg.flops_per_token(t.seq_len) * tokens
+        rows.append({
+            "size": t.size, "scheme": t.scheme, "plan": t.plan.name, "seed": t.seed,
+            "params": cfg.param_counts()["params_non_embedding"], "tokens": tokens,
+            "steps": t.train.steps, "flops": flops,
+            "gpu_hours": flops / (study.assumed_mfu * study.gpu_peak_flops) / 3600,
+            "key": t.key(),
+        })
+    return rows
+
+
+def _tune_trial(config: dict[str, Any]) -> None:
+    """One Tune trial: run (or skip, or resume) the trial, then report its final metrics."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = TrialConfig.from_dict(config["trial"])
+    result = run_trial(cfg, parent_run_id=config["parent_run_id"],
+                       callbacks=[TuneReportCallback()])
+    if config["glue_tasks"]:
+        from ternarylm.glue import GlueSettings, finetune_and_log
+        for task in config["glue_tasks"]:
+            finetune_and_log(result.run_id, task, GlueSettings(), None)
+    tune.report({**{f"final/{k}": v for k, v in result.metrics.items()},
+                 "skipped": float(result.skipped)})
+
+
+def _end_orphaned_runs(experiment: str, uri: str):
+    """A Tune callback: when a trial stops early (ASHA) or errors, its workers die without
+    closing the MLflow run; close it here so no run stays RUNNING."""
+    from ray import tune
+
+    class EndOrphanedRuns(tune.Callback):
+        def _close(self, trial, status: str, reason: str) -> None:
+            key = TrialConfig.from_dict(trial.config["trial"]).key()
+            exp_id = tracking.ensure_experiment(experiment, uri)
+            run = tracking.find_run(uri, exp_id, tracking.TRIAL_KEY_TAG, key)
+            if run is not None and run.info.status == "RUNNING":
+                tracking.end_run(uri, run.info.run_id, status, reason)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._close(trial, "KILLED", "stopped early by the scheduler")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._close(trial, "FAILED", "trial errored (see the Ray Tune logs)")
+
+    return EndOrphanedRuns()
+
+
+def open_study_run(study: StudyConfig, experiment: str, uri: str) -> str:
+    exp_id = tracking.ensure_experiment(experiment, uri)
+    run = tracking.find_run(uri, exp_id, STUDY_TAG, study.name)
+    if run is not None:
+        tracking.resume_run(uri, run.info.run_id)
+        return run.info.run_id
+    run_id = tracking.start_run(uri, exp_id, f"study-{study.name}", {STUDY_TAG: study.name})
+    flat = {k: v for k, v in dataclasses.asdict(study).items() if k not in ("trial", "plans")}
+    flat["plans"] = ",".join(p.name for p in study.plans)
+    tracking.log_params(uri, run_id, {f"study.{k}": v for k, v in flat.items()})
+    return run_id
+
+
+def _driver_resources() -> dict[str, float]:
+    import ray
+
+    if DRIVER_RESOURCE in ray.cluster_resources():
+        return {"CPU": 0.0, DRIVER_RESOURCE: 0.01}
+    return {"CPU": 0.01}  # Tune refuses a trial that asks for nothing
+
+
+def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, Any]:
+    """Run every trial of the study through Ray Tune, then log results, fits and plots."""
+    import ray
+    from ray import tune
+
+    from ternarylm.data import prepare_data
+    from ternarylm.results import report_study
+
+    trials = study.trials()
+    if storage_path:
+        for t in trials:
+            t.storage_path = storage_path
+    experiment = trials[0].experiment
+    uri = tracking.tracking_uri()
+    tracking.check_tracking(uri)
+    for data in {repr(t.data): t.data for t in trials}.values():
+        prepare_data(data)  # once, here: trials find the cache
+    if not ray.is_initialized():
+        ray.init()
+    parent = open_study_run(study, experiment, uri)
+    print(f"study {study.name}: {len(trials)} trials, MLflow parent run {parent} at {uri}",
+          flush=True)
+    scheduler = None
+    if study.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+        scheduler = ASHAScheduler(metric="val/loss", mode="min", time_attr="step",
+                                  max_t=max(t.train.steps for t in trials),
+                                  grace_period=min(t.train.eval_every for t in trials))
+    param_space = {"trial": tune.grid_search([t.to_dict() for t in trials]),
+                   "parent_run_id": parent, "glue_tasks": study.glue_tasks}
+    tuner = tune.Tuner(
+        tune.with_resources(_tune_trial, _driver_resources()),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent,
+                                    scheduler=scheduler,
+                                    trial_name_creator=_trial_name,
+                                    trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=f"study-{study.name}-{int(time.time())}",
+                                  storage_path=trial_storage_path(trials[0]),
+                                  callbacks=[_end_orphaned_runs(experiment, uri)],
+                                  verbose=1),
+    )
+    grid = tuner.fit()
+    errors = [str(e).splitlines()[0][:300] for e in grid.errors]
+    summary = report_study(study, trials, parent, uri, errors)
+    tracking.end_run(uri, parent, "FINISHED")
+    return summary
+
+
+def _trial_name(trial) -> str:
+    return TrialConfig.from_dict(trial.config["trial"]).run_name

@@ -1,0 +1,89 @@
+"""The main study: model sizes x ternary scaling-factor schemes x precision plans, on Ray Tune.
+
+    python studies/scaling.py                    # --preset local: a real small study on a laptop
+    python studies/scaling.py --dry-run --json   # the trial table, without starting Ray
+    ray job submit --working-dir . -- python studies/scaling.py --preset ladder
+
+Results go to MLflow ($MLFLOW_TRACKING_URI, default a SQLite store in ~/.ternarylm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ternarylm.config import ConfigError
+from ternarylm.study import StudyConfig, run_study, trial_table
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+PRESETS = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+
+
+def shared_sample() -> Path | None:
+    """The TinyStories sample shipped beside this repository, if present."""
+    root = Path(os.environ.get("TERNARYLM_SHARED_DATA",
+                               Path(__file__).resolve().parents[2] / "shared" / "data"))
+    sample = root / "tinystories" / "tinystories_sample.txt"
+    return sample if sample.is_file() else None
+
+
+def load_study(args: argparse.Namespace) -> StudyConfig:
+    from ternarylm.config import load_yaml
+    from ternarylm.config import _build
+
+    raw = load_yaml(args.config or CONFIGS / f"{args.preset}.yaml")
+    data = raw.setdefault("trial", {}).setdefault("data", {})
+    corpus = args.data or (shared_sample() if args.preset == "local" and not args.config else None)
+    if corpus:
+        data["source"] = str(corpus)
+    if args.name:
+        raw["name"] = args.name
+    return _build(StudyConfig, raw, "study")
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'size':>11} {'scheme':>16} {'plan':>15} {'seed':>4} {'params':>13} {'tokens':>14} "
+          f"{'FLOPs':>10} {'GPU-h':>9}")
+    for r in rows:
+        print(f"{r['size']:>11} {r['scheme']:>16} {r['plan']:>15} {r['seed']:>4} "
+              f"{r['params']:>13,} {r['tokens']:>14,} {r['flops']:>10.3g} {r['gpu_hours']:>9.3g}")
+    total = sum(r["gpu_hours"] for r in rows)
+    print(f"{len(rows)} trials, {total:.3g} GPU-hours at the assumed MFU")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="local", choices=PRESETS)
+    parser.add_argument("--config", help="your own study YAML (instead of a preset)")
+    parser.add_argument("--data", help="corpus for every trial: a .txt/.jsonl/.parquet file or "
+                                       "a hub dataset id")
+    parser.add_argument("--name", help="study name (a rerun with the same name continues it)")
+    parser.add_argument("--storage-path", default=os.environ.get("TERNARYLM_STORAGE_PATH"),
+                        help="Ray Train/Tune storage (local path, s3:// or gs://)")
+    parser.add_argument("--dry-run", action="store_true", help="print the trial table only")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = parser.parse_args(argv)
+    try:
+        study = load_study(args)
+        if args.dry_run:
+            rows = trial_table(study)
+            print_table(rows)
+            if args.json:
+                print(json.dumps(rows))
+            return 0
+        summary = run_study(study, args.storage_path)
+    except ConfigError as e:  # every config/data error is one clear line
+        print(f"scaling.py: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: summary[k] for k in ("parent_run_id", "fits", "errors", "warnings")},
+                         default=str))
+    return 1 if summary["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
