@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from ternarylm.config import ConfigError
+from ternarylm.errors import UserError
 from ternarylm.study import StudyConfig, run_study, trial_table
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -76,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rows))
             return 0
         summary = run_study(study, args.storage_path)
-    except ConfigError as e:  # every config/data error is one clear line
+    except UserError as e:  # every config/data error is one clear line
         print(f"scaling.py: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({k: summary[k] for k in ("parent_run_id", "fits", "errors", "warnings")},
-                         default=str))
+        keys = ("parent_run_id", "trained", "skipped", "fits", "errors", "warnings")
+        print(json.dumps({k: summary[k] for k in keys}, default=str))
     return 1 if summary["errors"] else 0
 
 

@@ -14,12 +14,13 @@ import yaml
 
 from ternarylm.analysis import describe
 from ternarylm.data import DataConfig
+from ternarylm.errors import UserError
 from ternarylm.model import ModelConfig, model_config
 from ternarylm.plans import PrecisionPlan
 from ternarylm.quantizers import TERNARY_SCHEMES
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot run; the message names the field and what to do."""
 
 
@@ -76,6 +77,8 @@ class TrainConfig:
     """Steps between checkpoints."""
     log_every: int = 10
     """Steps between metric reports."""
+    inject_nan_at_step: int | None = None
+    """Fault injection: make the training loss NaN at this step (tests divergence handling)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -157,6 +160,18 @@ class TrialConfig:
     @property
     def run_name(self) -> str:
         return self.name or f"{self.size}-{self.scheme}-{self.plan.name}-s{self.seed}-{self.key()[:8]}"
+
+    def check_capacity(self, resources: dict[str, float]) -> None:
+        """Refuse a trial the cluster can never place (no autoscaler can add nodes)."""
+        need = {"CPU": self.num_workers * self.cpus_per_worker}
+        if self.use_gpu:
+            need["GPU"] = self.num_workers
+        for kind, amount in need.items():
+            if amount > resources.get(kind, 0):
+                raise ConfigError(
+                    f"trial {self.run_name} needs {amount:g} {kind} ({self.num_workers} workers) "
+                    f"but the Ray cluster has {resources.get(kind, 0):g}; lower num_workers or "
+                    f"cpus_per_worker, or set TERNARYLM_AUTOSCALING=1 on a cluster that scales up")
 
     @property
     def global_batch_tokens(self) -> int:

@@ -29,6 +29,8 @@ import pyarrow as pa
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ternarylm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
@@ -50,7 +52,7 @@ _GUTENBERG_END = re.compile(r"\*\*\*\s*END OF (?:THE|THIS) PROJECT GUTENBERG EBO
 _SPOOL_BATCH = 1024
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Unusable data or data settings; the message names the input and how to fix it."""
 
 

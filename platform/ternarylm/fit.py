@@ -23,6 +23,8 @@ from numpy.typing import ArrayLike
 from scipy import optimize, special, stats
 from threadpoolctl import threadpool_limits
 
+from ternarylm.errors import UserError
+
 HUBER_DELTA = 1e-3
 
 # Start grid. `a` and `b` are expressed at the geometric-mean N and D (see
@@ -42,7 +44,7 @@ _MAX_DRAWS_PER_RESAMPLE = 50
 _GROUP_COLUMNS = ("scheme", "plan")
 
 
-class FitError(ValueError):
+class FitError(UserError):
     """The data cannot support the requested fit; the message says how to fix it."""
 
 

@@ -15,8 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ternarylm.errors import UserError
 
-class ModelConfigError(ValueError):
+
+class ModelConfigError(UserError):
     """A model configuration that cannot be built; the message says what to change."""
 
 

@@ -21,8 +21,15 @@ from typing import Any
 
 import torch.nn as nn
 
-from ternarylm.quantizers import (FORMATS, FP, TERNARY_SCHEMES, WEIGHT_FORMATS, QuantEmbedding,
-                                  QuantLinear)
+from ternarylm.errors import UserError
+from ternarylm.quantizers import (
+    FORMATS,
+    FP,
+    TERNARY_SCHEMES,
+    WEIGHT_FORMATS,
+    QuantEmbedding,
+    QuantLinear,
+)
 
 TERNARY = "ternary"
 PLAN_FORMATS = (TERNARY, *FORMATS)
@@ -30,7 +37,7 @@ EMBEDDING_FORMATS = (FP, "int8", "int4")
 _BLOCK_LINEAR = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.")
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A precision plan that cannot be applied; the message says what to change."""
 
 
@@ -80,7 +87,10 @@ class PrecisionPlan:
             if isinstance(k, bool) or not isinstance(k, (int, float)) or k < 0:
                 raise PlanError(f"precision plan: {rule} must be a block count >= 0 or a "
                                 f"fraction of depth in (0, 1), got {k!r}")
+        # New dicts: `preset()` copies a preset with dataclasses.replace, which would otherwise
+        # share (and let callers mutate) the preset's own dicts.
         self.blocks = {int(i): f for i, f in self.blocks.items()}
+        self.overrides = dict(self.overrides)
         for i, fmt in self.blocks.items():
             if i < 0:
                 raise PlanError(f"precision plan: block index {i} is negative; blocks are "

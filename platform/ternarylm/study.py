@@ -21,11 +21,10 @@ from ternarylm.analysis import has_ternary_layers
 from ternarylm.config import ConfigError, TrialConfig, _build, load_yaml
 from ternarylm.plans import PrecisionPlan
 from ternarylm.quantizers import TERNARY_SCHEMES
-from ternarylm.trial import run_trial
+from ternarylm.trial import DRIVER_RESOURCE, check_capacity, connect_ray, run_trial
 from ternarylm.trial import storage_path as trial_storage_path
 
 STUDY_TAG = "ternarylm.study"
-DRIVER_RESOURCE = "trial_driver"  # a custom resource cluster heads advertise for trial drivers
 
 
 @dataclass
@@ -50,6 +49,8 @@ class StudyConfig:
     """Evaluations (and checkpoints) per trial; the last is at the final step."""
     trial: dict[str, Any] = field(default_factory=dict)
     """Settings shared by every trial (TrialConfig fields: seq_len, data, train, num_workers...)."""
+    per_size: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Trial settings for one size, merged over `trial` (e.g. {large: {train: {lr: 3e-4}}})."""
     max_concurrent: int = 2
     """Trials running at once."""
     scheduler: str = "fifo"
@@ -86,6 +87,10 @@ class StudyConfig:
         if "train" in self.trial and "steps" in self.trial["train"]:
             raise ConfigError("study.trial.train.steps is set by the study from its token "
                               "budget; remove it and set tokens or tokens_per_param")
+        unknown = sorted(set(self.per_size) - set(self.sizes))
+        if unknown:
+            raise ConfigError(f"study.per_size names size(s) not in study.sizes: "
+                              f"{', '.join(unknown)}")
         self.plans = [PrecisionPlan.from_config(p) for p in self.plans]
         self.trials()  # every cell must be a valid trial before anything starts
 
@@ -94,7 +99,7 @@ class StudyConfig:
         return _build(cls, load_yaml(path), "study")
 
     def _trial(self, size: str, scheme: str, plan: PrecisionPlan, seed: int) -> TrialConfig:
-        shared = copy.deepcopy(self.trial)
+        shared = merge(self.trial, self.per_size.get(size, {}))
         base = TrialConfig.from_dict({**shared, "size": size, "scheme": scheme, "plan": plan,
                                       "seed": seed})
         params = base.model_config(256).param_counts()["params_non_embedding"]
@@ -122,6 +127,17 @@ class StudyConfig:
         return list(trials.values())
 
 
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over a deep copy of `base`, nested mappings merged key by key."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def trial_table(study: StudyConfig) -> list[dict[str, Any]]:
     """What the study will run: params, tokens, FLOPs and GPU-hours at the assumed MFU."""
     rows = []
@@ -145,8 +161,9 @@ def _tune_trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = TrialConfig.from_dict(config["trial"])
+    # Tune actors inherit the cluster's environment, not the study driver's: pass the URI.
     result = run_trial(cfg, parent_run_id=config["parent_run_id"],
-                       callbacks=[TuneReportCallback()])
+                       callbacks=[TuneReportCallback()], tracking_uri=config.get("tracking_uri"))
     if config["glue_tasks"]:
         from ternarylm.glue import GlueSettings, finetune_and_log
         for task in config["glue_tasks"]:
@@ -155,18 +172,33 @@ def _tune_trial(config: dict[str, Any]) -> None:
                  "skipped": float(result.skipped)})
 
 
-def _end_orphaned_runs(experiment: str, uri: str):
-    """A Tune callback: when a trial stops early (ASHA) or errors, its workers die without
-    closing the MLflow run; close it here so no run stays RUNNING."""
+def _study_callback(experiment: str, uri: str, n_trials: int):
+    """A Tune callback: one progress line per report and per finished trial, and MLflow runs
+    closed when a trial stops early (ASHA) or errors, since its workers die without closing."""
     from ray import tune
 
-    class EndOrphanedRuns(tune.Callback):
+    class StudyProgress(tune.Callback):
+        done = 0
+
+        def _line(self, trial, text: str) -> None:
+            print(f"[{self.done}/{n_trials} done] {_trial_name(trial)}: {text}", flush=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "val/loss" in result:
+                steps = trial.config["trial"]["train"]["steps"]
+                self._line(trial, f"step {int(result['step'])}/{steps}  val/loss "
+                                  f"{result['val/loss']:.4f}  val/bpb {result['val/bpb']:.4f}")
+
         def _close(self, trial, status: str, reason: str) -> None:
+            self.done += 1
             key = TrialConfig.from_dict(trial.config["trial"]).key()
             exp_id = tracking.ensure_experiment(experiment, uri)
             run = tracking.find_run(uri, exp_id, tracking.TRIAL_KEY_TAG, key)
             if run is not None and run.info.status == "RUNNING":
                 tracking.end_run(uri, run.info.run_id, status, reason)
+                self._line(trial, f"{status}: {reason}")
+            else:
+                self._line(trial, run.info.status if run else "no MLflow run")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._close(trial, "KILLED", "stopped early by the scheduler")
@@ -174,7 +206,7 @@ def _end_orphaned_runs(experiment: str, uri: str):
         def on_trial_error(self, iteration, trials, trial, **info):
             self._close(trial, "FAILED", "trial errored (see the Ray Tune logs)")
 
-    return EndOrphanedRuns()
+    return StudyProgress()
 
 
 def open_study_run(study: StudyConfig, experiment: str, uri: str) -> str:
@@ -200,23 +232,22 @@ def _driver_resources() -> dict[str, float]:
 
 def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, Any]:
     """Run every trial of the study through Ray Tune, then log results, fits and plots."""
-    import ray
     from ray import tune
 
     from ternarylm.data import prepare_data
     from ternarylm.results import report_study
 
     trials = study.trials()
-    if storage_path:
-        for t in trials:
-            t.storage_path = storage_path
+    for t in trials:  # resolved here: Tune actors see the cluster's environment, not ours
+        t.storage_path = storage_path or t.storage_path or trial_storage_path(t)
     experiment = trials[0].experiment
     uri = tracking.tracking_uri()
+    # Every check before the parent run exists: bad input leaves no run half made.
     tracking.check_tracking(uri)
     for data in {repr(t.data): t.data for t in trials}.values():
         prepare_data(data)  # once, here: trials find the cache
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray()
+    check_capacity(trials)
     parent = open_study_run(study, experiment, uri)
     print(f"study {study.name}: {len(trials)} trials, MLflow parent run {parent} at {uri}",
           flush=True)
@@ -227,7 +258,8 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
                                   max_t=max(t.train.steps for t in trials),
                                   grace_period=min(t.train.eval_every for t in trials))
     param_space = {"trial": tune.grid_search([t.to_dict() for t in trials]),
-                   "parent_run_id": parent, "glue_tasks": study.glue_tasks}
+                   "parent_run_id": parent, "glue_tasks": study.glue_tasks,
+                   "tracking_uri": uri}
     tuner = tune.Tuner(
         tune.with_resources(_tune_trial, _driver_resources()),
         param_space=param_space,
@@ -236,16 +268,20 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
                                     trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=f"study-{study.name}-{int(time.time())}",
-                                  storage_path=trial_storage_path(trials[0]),
-                                  callbacks=[_end_orphaned_runs(experiment, uri)],
-                                  verbose=1),
+                                  storage_path=trials[0].storage_path,
+                                  callbacks=[_study_callback(experiment, uri, len(trials))],
+                                  verbose=0),
     )
     grid = tuner.fit()
     errors = [str(e).splitlines()[0][:300] for e in grid.errors]
     summary = report_study(study, trials, parent, uri, errors)
+    finished = [r for r in grid if r.error is None and r.metrics]
+    summary["skipped"] = sorted(_trial_name(r) for r in finished if r.metrics.get("skipped"))
+    summary["trained"] = sorted(_trial_name(r) for r in finished if not r.metrics.get("skipped"))
     tracking.end_run(uri, parent, "FINISHED")
     return summary
 
 
 def _trial_name(trial) -> str:
+    """The trial's run name (for a Tune trial or result alike)."""
     return TrialConfig.from_dict(trial.config["trial"]).run_name

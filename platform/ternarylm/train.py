@@ -8,6 +8,7 @@ of the step).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import resource
@@ -86,6 +87,7 @@ class TrialRuntime:
 
 def train_worker(payload: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (`train_loop_per_worker`)."""
+    started = time.perf_counter()
     cfg = TrialConfig.from_dict(payload["trial"])
     # DeepSpeed picks its accelerator at import; without this it may probe for CUDA on CPU hosts.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")
@@ -123,8 +125,10 @@ def train_worker(payload: dict[str, Any]) -> None:
         step = client_state["step"]
 
     log = tracking.MetricLog(runtime.tracking_uri, runtime.run_id, rank == 0, PROGRESS_METRIC)
+    if rank == 0 and step:
+        tracking.set_tags(runtime.tracking_uri, runtime.run_id, {"ternarylm.resumed_from_step": step})
     loop = _Loop(cfg, engine, data, formats, rank, world, device, log)
-    loop.run(step)
+    loop.run(step, init_seconds=time.perf_counter() - started)
 
 
 class _Loop:
@@ -139,10 +143,12 @@ class _Loop:
         self.flops_per_token = self.model_cfg.flops_per_token(cfg.seq_len)
         self.peak_flops = _peak_flops(device)
 
-    def run(self, step: int) -> None:
+    def run(self, step: int, init_seconds: float) -> None:
         import ray.train
 
         t = self.cfg.train
+        loop_start = time.perf_counter()
+        self._record_rank_batches(step)
         window_start, window_tokens = time.perf_counter(), 0
         while step < t.steps:
             loss = self._train_step(step)
@@ -158,6 +164,9 @@ class _Loop:
                 window_start, window_tokens = time.perf_counter(), 0
             if step % t.eval_every == 0 or step == t.steps:
                 metrics |= self.evaluate(step)
+            if step == t.steps:  # what this launch spent outside the training loop, for reports
+                metrics |= {"time/worker_init_s": init_seconds,
+                            "time/train_loop_s": time.perf_counter() - loop_start}
             self.log.log(step, {k: v for k, v in metrics.items() if k != "step"})
             if step % t.checkpoint_every == 0 or step == t.steps:
                 self.log.flush()  # before the checkpoint: a resume never leaves a gap
@@ -167,6 +176,16 @@ class _Loop:
         self.log.flush()
         if self.rank == 0:
             self._export_model()
+
+    def _record_rank_batches(self, step: int) -> None:
+        """Tag the run with a fingerprint of each rank's first batch: proof of disjoint data."""
+        x, _ = self.sampler.batch(step, 0)
+        digest = torch.tensor([int(hashlib.sha1(x.numpy().tobytes()).hexdigest()[:12], 16)])
+        gathered = [torch.zeros_like(digest) for _ in range(self.world)]
+        dist.all_gather(gathered, digest)
+        if self.rank == 0:
+            tracking.set_tags(self.log.uri, self.log.run_id, {
+                "ternarylm.rank_batch_fingerprints": ",".join(f"{int(g):x}" for g in gathered)})
 
     def _train_step(self, step: int) -> float:
         total = torch.zeros((), device=self.device)
@@ -179,6 +198,8 @@ class _Loop:
             self.engine.step()
             total += loss.detach()
         total /= self.cfg.train.grad_accum
+        if step + 1 == self.cfg.train.inject_nan_at_step:
+            total.fill_(float("nan"))
         dist.all_reduce(total)  # every rank must agree on divergence
         return float(total) / self.world
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Metric
+
 from ternarylm import plots, tracking
 from ternarylm.config import TrialConfig, ternarylm_home
 from ternarylm.data import prepare_data
@@ -23,7 +25,40 @@ from ternarylm.train import PROGRESS_METRIC, TrialRuntime, train_worker
 SUMMARY_METRICS = ("val/loss", "val/ppl", "val/bpb", "train_sample/ppl", "train_val_ratio",
                    "sparsity/ternary", "memory/packed_bytes", "memory/latent_fp32_bytes",
                    "memory/peak_rss_bytes", "memory/peak_cuda_bytes", "perf/tokens_per_s",
-                   "perf/mfu", "progress/tokens", "progress/flops", "scale/learned_drift")
+                   "perf/mfu", "progress/tokens", "progress/flops", "scale/learned_drift",
+                   "time/worker_init_s", "time/train_loop_s")
+
+
+DRIVER_RESOURCE = "trial_driver"  # a custom resource for trial drivers (Tune trials), no CPU
+
+
+def connect_ray() -> None:
+    """Join the cluster in $RAY_ADDRESS (or one started on this machine), else start one.
+
+    A cluster started here offers `trial_driver` slots, as the cluster configs' heads do, so
+    that trial drivers take no CPU from training workers: with 0.01 CPU each, two 1-CPU trials
+    would not fit on 2 cores.
+    """
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if ray.is_initialized():
+        return
+    if canonicalize_bootstrap_address(None) is None:
+        ray.init(resources={DRIVER_RESOURCE: 1000})
+    else:
+        ray.init()
+
+
+def check_capacity(trials: list[TrialConfig]) -> None:
+    """Every trial must fit the connected cluster, unless it autoscales."""
+    import ray
+
+    if os.environ.get("TERNARYLM_AUTOSCALING") == "1":
+        return
+    resources = ray.cluster_resources()
+    for t in trials:
+        t.check_capacity(resources)
 
 
 class TrialFailed(RuntimeError):
@@ -88,23 +123,23 @@ def build_trainer(cfg: TrialConfig, runtime: TrialRuntime, callbacks: list | Non
 
 
 def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
-              callbacks: list | None = None) -> TrialResult:
+              callbacks: list | None = None, tracking_uri: str | None = None) -> TrialResult:
     """Train one model to the end (or resume it), returning its final metrics.
 
     Raises TrialFailed, with the MLflow run marked FAILED and the reason tagged, when the loss
     diverges or the workers exhaust their failure budget.
     """
-    import ray
-
     t0 = time.perf_counter()
-    uri = tracking.tracking_uri()
+    uri = tracking_uri or tracking.tracking_uri()
+    # Every check before the MLflow run exists: bad input leaves no run half made.
+    tracking.check_tracking(uri)
     prepare_data(cfg.data)  # fails on bad data before any worker starts; workers hit the cache
+    connect_ray()
+    check_capacity([cfg])
     run_id, finished = open_run(cfg, uri, parent_run_id)
     if finished is not None:
         return _existing_result(uri, finished)
     tracking.log_params(uri, run_id, cfg.flat())
-    if not ray.is_initialized():
-        ray.init()
     trainer = build_trainer(cfg, TrialRuntime(uri, run_id), callbacks)
     t1 = time.perf_counter()
     try:
@@ -120,7 +155,12 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
         tracking.end_run(uri, run_id, "FAILED", reason)
         raise TrialFailed(f"trial {cfg.run_name} {reason}")
     final = finish_run(uri, run_id, cfg, metrics)
-    seconds = {"setup": t1 - t0, "train": t2 - t1, "finish": time.perf_counter() - t2}
+    seconds = {"setup": t1 - t0, "fit": t2 - t1, "finish": time.perf_counter() - t2}
+    if "time/train_loop_s" in metrics:  # absent when resumed at the last step
+        seconds["outside_training"] = (seconds["setup"] + seconds["fit"] + seconds["finish"]
+                                       - metrics["time/train_loop_s"])
+    tracking.client(uri).log_batch(run_id, metrics=[
+        Metric(f"time/{k}_s", v, int(time.time() * 1000), 0) for k, v in seconds.items()])
     return TrialResult(run_id, cfg.key(), "FINISHED", final, seconds=seconds)
 
 

@@ -1,0 +1,158 @@
+"""Studies on Ray Tune: submitted as a Ray job to a loopback head, rerun with an added size,
+and the dry run's trial table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from ternarylm.errors import UserError
+from ternarylm.study import StudyConfig, trial_table
+
+REPO = Path(__file__).resolve().parents[1]
+SCALING = REPO / "studies" / "scaling.py"
+
+
+def study_yaml(path: Path, corpus: Path, sizes: list[str], plans: list[str],
+               name: str = "test") -> Path:
+    config = {
+        "name": name, "sizes": sizes, "schemes": ["absmean"], "plans": plans, "seeds": [0],
+        "tokens": 6144, "evals_per_trial": 2, "max_concurrent": 2,
+        "trial": {"seq_len": 64, "num_workers": 1, "max_failures": 0,
+                  "data": {"source": str(corpus), "tokenizer": "char"},
+                  "train": {"micro_batch": 8, "lr": 3e-3, "eval_max_tokens": 2048,
+                            "train_sample_tokens": 2048}},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def runs_by_name(uri: str) -> dict:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ternarylm")
+    return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+
+
+@pytest.mark.slow
+def test_study_submitted_as_ray_job(tmp_path, tinystories, ray_head):
+    config = study_yaml(tmp_path / "study.yaml", tinystories,
+                        ["nano", "tiny", "micro", "mini"], ["all_ternary"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri,
+                                "TERNARYLM_HOME": str(tmp_path / "home")}}
+    out = subprocess.run(
+        ["ray", "job", "submit", "--address", ray_head["RAY_DASHBOARD"], "--working-dir",
+         str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
+         "python", "studies/scaling.py", "--config", str(config), "--json"],
+        capture_output=True, text=True, env={**os.environ, **ray_head}, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    summary = json.loads([l for l in out.stdout.splitlines() if l.startswith("{")][-1])
+    assert summary["errors"] == []
+
+    runs = runs_by_name(uri)
+    parent = runs.pop("study-test")
+    assert len(runs) == 4
+    client = MlflowClient(uri)
+    for run in runs.values():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        for metric in ("final/val/loss", "final/val/bpb", "final/train_val_ratio",
+                       "final/sparsity/ternary", "final/memory/packed_bytes"):
+            assert metric in run.data.metrics, (run.info.run_name, metric)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
+    assert {"results/results.csv", "results/results.md", "results/fits.json",
+            "results/loss_vs_size.png", "results/sparsity_heatmap.png",
+            "results/memory_vs_size.png", "results/train_val_ratio_vs_size.png"} <= artifacts
+    fit = summary["fits"]["absmean/all_ternary"]
+    assert fit["points"] == 4 and {"E", "A", "alpha", "ci"} <= set(fit["fit"])
+    assert parent.data.metrics["study/trials_finished"] == 4
+
+
+@pytest.mark.slow
+def test_rerun_trains_only_new_cells(tmp_path, tinystories, ray_head, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, **ray_head, "MLFLOW_TRACKING_URI": uri}
+    config = study_yaml(tmp_path / "study.yaml", tinystories, ["nano"], ["all_ternary"])
+
+    def run_study() -> dict:
+        out = subprocess.run([sys.executable, str(SCALING), "--config", str(config), "--json"],
+                             capture_output=True, text=True, env=env, timeout=900)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def cells(names: list[str]) -> list[str]:
+        return [n.rsplit("-s", 1)[0] for n in names]  # drop the seed and key suffix
+
+    first = run_study()
+    assert cells(first["trained"]) == ["nano-absmean-all_ternary"] and first["skipped"] == []
+    nano = runs_by_name(uri)
+    study_yaml(config, tinystories, ["nano", "tiny"], ["all_ternary"])
+    second = run_study()
+    assert cells(second["trained"]) == ["tiny-absmean-all_ternary"]
+    assert cells(second["skipped"]) == ["nano-absmean-all_ternary"]
+    runs = runs_by_name(uri)
+    assert len(runs) == 3  # parent + 2 trials: the nano run was reused, not repeated
+    old = next(r for n, r in nano.items() if n.startswith("nano"))
+    again = runs[old.info.run_name]
+    assert again.info.run_id == old.info.run_id and again.info.end_time == old.info.end_time
+
+
+def test_dry_run_json_lists_every_trial():
+    out = subprocess.run([sys.executable, str(SCALING), "--preset", "ladder", "--dry-run",
+                          "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    trials = json.loads(out.stdout.strip().splitlines()[-1])
+    study = StudyConfig.from_yaml(REPO / "studies" / "configs" / "ladder.yaml")
+    # 6 sizes x (2 schemes x 3 ternary plans + 1 fp plan) x 1 seed
+    assert len(trials) == 6 * (2 * 3 + 1) == len(study.trials())
+    for t in trials:
+        assert {"size", "scheme", "plan", "seed", "params", "tokens", "flops"} <= set(t)
+        # tokens_per_param: 20 -> at least 20 tokens per non-embedding parameter
+        assert t["tokens"] >= 20 * t["params"]
+    xxl = next(t for t in trials if t["size"] == "xxl")
+    assert xxl["params"] > 1e9
+
+
+def test_local_preset_is_the_default_and_has_the_required_grid(tinystories):
+    out = subprocess.run([sys.executable, str(SCALING), "--dry-run", "--json"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TERNARYLM_SHARED_DATA": str(tinystories.parents[1])})
+    assert out.returncode == 0, out.stderr
+    trials = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len({t["size"] for t in trials}) >= 3
+    assert len({t["scheme"] for t in trials if t["plan"] != "fp"}) >= 2
+    assert {"fp", "all_ternary"} <= {t["plan"] for t in trials}
+
+
+def test_fp_plan_trains_once_per_size(tinystories, tmp_path):
+    study = StudyConfig(sizes=["nano"], schemes=["absmean", "twn", "learned"],
+                        plans=["fp", "all_ternary"], tokens=10000,
+                        trial={"data": {"source": str(tinystories), "tokenizer": "char"}})
+    rows = trial_table(study)
+    assert [(r["scheme"], r["plan"]) for r in rows].count(("absmean", "fp")) == 1
+    assert len(rows) == 1 + 3
+    assert len({r["key"] for r in rows}) == len(rows)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sizes": ["huge"]}, "unknown model size 'huge'"),
+    ({"schemes": ["binary"]}, "unknown scheme 'binary'"),
+    ({"plans": ["half_ternary"]}, "unknown precision plan 'half_ternary'"),
+    ({"tokens": -5}, "token budget must be positive"),
+    ({"tokens": None}, "exactly one of tokens"),
+    ({"tokens_per_param": 20}, "exactly one of tokens"),
+    ({"sizes": []}, "study.sizes must be a non-empty list"),
+    ({"scheduler": "pbt"}, "study.scheduler must be fifo or asha"),
+    ({"trial": {"train": {"steps": 10}}}, "set by the study from its token budget"),
+])
+def test_bad_study_configs_are_refused(change, message):
+    base = {"sizes": ["nano"], "tokens": 1000}
+    with pytest.raises(UserError, match=message):
+        StudyConfig(**{**base, **change})

@@ -1,0 +1,130 @@
+"""Trials for real: DeepSpeed engines in Ray Train workers on a `ray start --head` cluster,
+launched through `ternarylm train`, read back from MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+TRIAL_METRICS = {
+    "train/loss", "train/lr", "val/loss", "val/ppl", "val/bpb", "train_sample/loss",
+    "train_sample/ppl", "train_val_ratio", "sparsity/ternary", "sparsity/block_00",
+    "sparsity/block_03", "bits/effective_ternary", "scale/learned_drift",
+    "memory/latent_fp32_bytes", "memory/packed_bytes", "memory/peak_rss_bytes",
+    "perf/tokens_per_s", "perf/flops_per_s", "progress/tokens", "progress/flops",
+    "final/val/ppl", "final/val/bpb", "final/train_val_ratio", "final/memory/packed_bytes",
+    "time/setup_s", "time/fit_s", "time/outside_training_s",
+}
+
+
+def trial_config(tmp_path: Path, corpus: Path, **train) -> Path:
+    config = {
+        "size": "nano", "scheme": "learned", "plan": "all_ternary", "seq_len": 64,
+        "num_workers": 2, "max_failures": 0,
+        "data": {"source": str(corpus), "tokenizer": "char"},
+        "train": {"steps": 30, "micro_batch": 8, "warmup_steps": 3, "lr": 3e-3,
+                  "zero_stage": 1, "eval_every": 10, "checkpoint_every": 10, "log_every": 5,
+                  "eval_max_tokens": 4096, "train_sample_tokens": 4096, **train},
+        "storage_path": str(tmp_path / "runs"),
+    }
+    path = tmp_path / "trial.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train_env(ray_head: dict, mlflow_uri: str) -> dict:
+    return {**os.environ, **ray_head, "MLFLOW_TRACKING_URI": mlflow_uri}
+
+
+def only_run(uri: str):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ternarylm").experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+def test_two_worker_trial_logs_every_metric(tmp_path, tinystories, ray_head, mlflow_uri):
+    config = trial_config(tmp_path, tinystories)
+    out = subprocess.run(["ternarylm", "train", "--config", str(config)], capture_output=True,
+                         text=True, env=train_env(ray_head, mlflow_uri), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "FINISHED"
+    print("seconds:", summary["seconds"])
+
+    client, run = only_run(mlflow_uri)
+    assert run.info.status == "FINISHED"
+    assert TRIAL_METRICS <= set(run.data.metrics), TRIAL_METRICS - set(run.data.metrics)
+    params = run.data.params
+    assert params["num_workers"] == "2" and params["train.zero_stage"] == "1"
+    assert params["plan.default"] == "ternary" and params["scheme"] == "learned"
+    assert run.data.tags["ternarylm.version"]
+    # Every rank drew a different first batch.
+    fingerprints = run.data.tags["ternarylm.rank_batch_fingerprints"].split(",")
+    assert len(fingerprints) == 2 and len(set(fingerprints)) == 2
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [5, 10, 15, 20, 25, 30]
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert losses[-1] < losses[0]
+    m = run.data.metrics
+    assert 1 < m["final/val/ppl"] < 257 and m["final/val/bpb"] > 0
+    assert m["final/train_val_ratio"] == pytest.approx(
+        m["val/ppl"] / m["train_sample/ppl"], rel=1e-6)
+    assert 0 < m["sparsity/ternary"] < 1
+    assert m["memory/packed_bytes"] < m["memory/latent_fp32_bytes"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/loss_curves.png", "plots/block_sparsity.png"} <= artifacts
+    model = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/model.safetensors", "model/ternarylm.json", "model/tokenizer.json"} <= model
+
+
+def wait_for_step(uri: str, step: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    client = MlflowClient(uri)
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        exp = client.get_experiment_by_name("ternarylm")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs:
+            history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+            if max((m.step for m in history), default=0) >= step:
+                return
+        time.sleep(1)
+    raise AssertionError(f"the trial did not reach step {step} in {timeout} s")
+
+
+def test_stopped_trial_resumes_from_checkpoint(tmp_path, tinystories, ray_head, mlflow_uri):
+    config = trial_config(tmp_path, tinystories, steps=60, log_every=5)
+    env = train_env(ray_head, mlflow_uri)
+    first = subprocess.Popen(["ternarylm", "train", "--config", str(config)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        wait_for_step(mlflow_uri, 20, first, timeout=400)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver dies: its Ray Train run goes with it
+        first.wait()
+    client, run = only_run(mlflow_uri)
+    assert run.info.status == "RUNNING"
+
+    second = subprocess.run(["ternarylm", "train", "--config", str(config)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    client, run = only_run(mlflow_uri)  # the same run continued, no second one
+    assert run.info.status == "FINISHED"
+    resumed = int(run.data.tags["ternarylm.resumed_from_step"])
+    assert resumed >= 20 and resumed % 10 == 0  # a checkpoint step, not a fresh start
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(5, 61, 5))  # no gap, no duplicate
+    val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+    assert val_steps == list(range(10, 61, 10))
