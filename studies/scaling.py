@@ -15,8 +15,11 @@ import os
 import sys
 from pathlib import Path
 
+import ray
+
 from ternarylm.errors import UserError
 from ternarylm.study import StudyConfig, run_study, trial_table
+from ternarylm.tracking import quiet_mlflow
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PRESETS = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the trial table only")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args(argv)
+    quiet_mlflow()
     try:
         study = load_study(args)
         if args.dry_run:
@@ -76,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rows))
             return 0
         summary = run_study(study, args.storage_path)
+        ray.shutdown()  # flushes the workers' forwarded logs, so the JSON line is the last one
     except UserError as e:  # every config/data error is one clear line
         print(f"scaling.py: error: {e}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ def test_killed_worker_resumes_in_the_same_run(tmp_path, tinystories, ray_head, 
     proc = subprocess.Popen(["ternarylm", "train", "--config", str(config)],
                             env=train_env(ray_head, mlflow_uri), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    wait_for_step(mlflow_uri, 20, proc, timeout=400)
+    wait_for_step(mlflow_uri, 30, proc, timeout=400)  # so the step-20 checkpoint exists
     workers = train_workers()
     assert workers, "no Ray Train worker process found"
     for w in workers:

@@ -110,7 +110,9 @@ def test_stopped_trial_resumes_from_checkpoint(tmp_path, tinystories, ray_head, 
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     try:
-        wait_for_step(mlflow_uri, 20, first, timeout=400)
+        # Metrics are flushed just before each checkpoint, so once step 30 is logged the
+        # checkpoint of step 20 is certainly complete.
+        wait_for_step(mlflow_uri, 30, first, timeout=400)
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver dies: its Ray Train run goes with it
         first.wait()

@@ -29,7 +29,10 @@ def _train(args: argparse.Namespace) -> None:
     from ternarylm.config import TrialConfig
     from ternarylm.trial import run_trial
 
+    import ray
+
     result = run_trial(TrialConfig.from_yaml(args.config))
+    ray.shutdown()  # flushes the workers' forwarded logs, so the JSON line is the last one
     print(json.dumps({"run_id": result.run_id, "key": result.key, "status": result.status,
                       "skipped": result.skipped, "seconds": result.seconds,
                       "metrics": result.metrics}))
@@ -155,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ternarylm.tracking import quiet_mlflow
+
+    quiet_mlflow()
     try:
         args.func(args)
     except UserError as e:  # bad input: one clear line, no traceback

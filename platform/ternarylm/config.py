@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -183,12 +184,16 @@ class TrialConfig:
         return d
 
     def key(self) -> str:
-        """Content hash of everything that changes the trained model (not names or places)."""
-        d = self.to_dict()
+        """Content hash of the settings that change the trained model (not names or places).
+
+        Only settings that differ from their defaults are hashed, so a release that adds a
+        setting (with a default that keeps the old behaviour) leaves every key as it was.
+        """
+        d = _changed(self.to_dict(), _default_trial_dict())
         for k in ("experiment", "name", "storage_path", "max_failures"):
-            d.pop(k)
-        d["data"].pop("cache_dir", None)
-        d["plan"].pop("name")
+            d.pop(k, None)
+        d.get("data", {}).pop("cache_dir", None)
+        d.get("plan", {}).pop("name", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:
@@ -209,6 +214,23 @@ class TrialConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrialConfig":
         return cls.from_dict(load_yaml(path))
+
+
+@functools.cache
+def _default_trial_dict() -> dict[str, Any]:
+    return TrialConfig().to_dict()
+
+
+def _changed(value: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `value` that differ from `default`, nested mappings compared key by key."""
+    out = {}
+    for k, v in value.items():
+        if isinstance(v, dict) and isinstance(default.get(k), dict):
+            if sub := _changed(v, default[k]):
+                out[k] = sub
+        elif k not in default or v != default[k]:
+            out[k] = v
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -243,9 +243,9 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
     experiment = trials[0].experiment
     uri = tracking.tracking_uri()
     # Every check before the parent run exists: bad input leaves no run half made.
-    tracking.check_tracking(uri)
     for data in {repr(t.data): t.data for t in trials}.values():
         prepare_data(data)  # once, here: trials find the cache
+    tracking.check_tracking(uri)
     connect_ray()
     check_capacity(trials)
     parent = open_study_run(study, experiment, uri)

@@ -7,6 +7,7 @@ so a restarted worker continues the same run; only rank 0 logs.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -24,6 +25,12 @@ TRIAL_KEY_TAG = "ternarylm.trial_key"
 STUDY_KEY_TAG = "ternarylm.study_key"
 PARENT_TAG = "mlflow.parentRunId"
 _BATCH = 100  # MLflow's REST API caps a log_batch at 1,000 metrics and 100 params
+
+
+def quiet_mlflow() -> None:
+    """Keep MLflow's INFO chatter (store creation, migrations) off the console."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def tracking_uri() -> str:

@@ -7,6 +7,7 @@ trial's content key, so launching the same trial again resumes from its last che
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -44,10 +45,11 @@ def connect_ray() -> None:
 
     if ray.is_initialized():
         return
+    quiet = {"logging_level": logging.WARNING}  # errors on the console stay one line
     if canonicalize_bootstrap_address(None) is None:
-        ray.init(resources={DRIVER_RESOURCE: 1000})
+        ray.init(resources={DRIVER_RESOURCE: 1000}, **quiet)
     else:
-        ray.init()
+        ray.init(**quiet)
 
 
 def check_capacity(trials: list[TrialConfig]) -> None:
@@ -132,8 +134,8 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
     t0 = time.perf_counter()
     uri = tracking_uri or tracking.tracking_uri()
     # Every check before the MLflow run exists: bad input leaves no run half made.
-    tracking.check_tracking(uri)
     prepare_data(cfg.data)  # fails on bad data before any worker starts; workers hit the cache
+    tracking.check_tracking(uri)
     connect_ray()
     check_capacity([cfg])
     run_id, finished = open_run(cfg, uri, parent_run_id)

@@ -1,0 +1,720 @@
+"""Downstream evaluation: fine-tune a pretrained trial's model on GLUE MRPC, SST-2 or CoLA.
+
+The trained model is loaded with its precision plan (its QuantLinear modules stay, so fine-tuning
+is quantization-aware exactly like pretraining) and gets a new full-precision classification head
+on the pooled final hidden states (mean over the real tokens, or the last real token; padding is
+ignored). Dev metrics are computed with scikit-learn and always reported beside the
+majority-class baseline: the most frequent label of the TRAIN split, predicted for every dev
+example. On MRPC dev that baseline already scores F1 0.812, so an F1 alone says little.
+
+Data comes from local files in the GLUE TSV layout (a folder holding MRPC/, SST-2/, CoLA/ with
+train.tsv and dev.tsv: `--data-dir` or $TERNARYLM_GLUE_DIR) or, without a folder, from the hub
+dataset `nyu-mll/glue`. Sentence pairs are encoded as `s1 <eos> s2` (the model's eos token is
+the separator) and truncated, longest sentence first, to the model's seq_len.
+
+`finetune_and_log` records a fine-tuning as an MLflow run nested under the pretraining run (same
+experiment, tag mlflow.parentRunId); `run_glue` also accepts a local trained-model directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ternarylm.data import DataError
+from ternarylm.errors import UserError
+from ternarylm.quantizers import FP, QuantEmbedding, QuantLinear
+
+HUB_DATASET = "nyu-mll/glue"
+GLUE_DIR_ENV = "TERNARYLM_GLUE_DIR"
+SPLITS = ("train", "dev")
+POOLINGS = ("mean", "last")
+GLUE_TASK_TAG = "ternarylm.glue.task"
+GLUE_KEY_TAG = "ternarylm.glue.key"
+GLUE_SOURCE_TAG = "ternarylm.glue.source_run"
+
+
+class GlueError(UserError):
+    """Unusable fine-tuning settings or a failed fine-tuning; the message says what to change."""
+
+
+class GlueDataError(DataError):
+    """GLUE data that cannot be read; the message names the file or source and how to fix it."""
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    name: str
+    """Our name for the task (mrpc, sst2, cola)."""
+    folder: str
+    """Folder of train.tsv / dev.tsv in the GLUE layout."""
+    hub_config: str
+    """Configuration name of the hub dataset nyu-mll/glue."""
+    pair: bool
+    """Sentence-pair task."""
+    metrics: tuple[str, ...]
+    """Reported dev metrics, the task's official one first."""
+
+
+TASKS: dict[str, GlueTask] = {
+    "mrpc": GlueTask("mrpc", "MRPC", "mrpc", pair=True, metrics=("f1", "accuracy")),
+    "sst2": GlueTask("sst2", "SST-2", "sst2", pair=False, metrics=("accuracy",)),
+    "cola": GlueTask("cola", "CoLA", "cola", pair=False, metrics=("mcc", "accuracy")),
+}
+N_CLASSES = 2  # all three tasks are binary
+
+
+def task_spec(task: str | GlueTask) -> GlueTask:
+    """The task for a name, case-insensitive; `SST-2` and `sst_2` name sst2."""
+    if isinstance(task, GlueTask):
+        return task
+    key = str(task).strip().lower().replace("-", "").replace("_", "")
+    if key not in TASKS:
+        raise GlueError(f"unknown GLUE task {task!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class GlueData:
+    """One split of one task: sentences (and second sentences for pairs) with 0/1 labels."""
+
+    task: str
+    split: str
+    text_a: list[str]
+    text_b: list[str] | None
+    labels: list[int]
+    source: str
+    """Where it came from: the TSV path, or hub:nyu-mll/glue/<config>/<split>."""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: list[int]) -> GlueData:
+        return dataclasses.replace(
+            self, text_a=[self.text_a[i] for i in indices],
+            text_b=None if self.text_b is None else [self.text_b[i] for i in indices],
+            labels=[self.labels[i] for i in indices])
+
+
+_MRPC_HEADER = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+_SST2_HEADER = ["sentence", "label"]
+
+
+def read_glue_tsv(task: str | GlueTask, path: str | Path, split: str = "train") -> GlueData:
+    """Read a GLUE TSV: MRPC (header Quality, #1 ID, #2 ID, #1 String, #2 String), SST-2
+    (header sentence, label) or CoLA (no header: source, label, original label, sentence).
+
+    A leading UTF-8 BOM is dropped and quote characters are kept as text (csv.QUOTE_NONE):
+    MRPC sentences such as `" The foodservice pie business ...` start with one.
+    """
+    spec, path = task_spec(task), Path(path)
+    if not path.is_file():
+        what = "is a directory, not" if path.is_dir() else "not found: expected"
+        raise GlueDataError(f"{path}: {what} the GLUE {spec.folder} {path.name} file; pass "
+                            f"--data-dir (or set ${GLUE_DIR_ENV}) to the folder holding "
+                            f"{spec.folder}/train.tsv and {spec.folder}/dev.tsv")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as err:
+        raise GlueDataError(f"{path}: not UTF-8 text ({err}); pass the GLUE TSV file") from None
+    numbered = [(n, row) for n, row in enumerate(rows, start=1) if row and any(row)]
+    if not numbered:
+        raise GlueDataError(f"{path}: file is empty; expected the GLUE {spec.folder} TSV")
+    if spec.name == "mrpc":
+        header, cols, label_col, text_cols = _MRPC_HEADER, 5, 0, (3, 4)
+    elif spec.name == "sst2":
+        header, cols, label_col, text_cols = _SST2_HEADER, 2, 1, (0,)
+    else:
+        header, cols, label_col, text_cols = None, 4, 1, (3,)
+    if header is not None:
+        n, first = numbered.pop(0)
+        if [c.strip() for c in first] != header:
+            raise GlueDataError(f"{path}, line {n}: expected the {spec.folder} header "
+                                f"{' <tab> '.join(header)}, found {_excerpt(first)}")
+    texts: list[list[str]] = [[] for _ in text_cols]
+    labels = []
+    for n, row in numbered:
+        if len(row) != cols:
+            hint = (" (CoLA train/dev have no header; its test.tsv has no labels)"
+                    if spec.name == "cola" else "")
+            raise GlueDataError(f"{path}, line {n}: expected {cols} tab-separated columns, found "
+                                f"{len(row)}: {_excerpt(row)}{hint}")
+        label = row[label_col].strip()
+        if label not in ("0", "1"):
+            hint = (" (CoLA train/dev have no header line)" if spec.name == "cola" and n == 1
+                    else "")
+            raise GlueDataError(f"{path}, line {n}: label {label!r} is not 0 or 1{hint}")
+        labels.append(int(label))
+        for out, col in zip(texts, text_cols):
+            out.append(row[col].strip())
+    return GlueData(spec.name, split, texts[0], texts[1] if spec.pair else None, labels,
+                    str(path))
+
+
+def _excerpt(row: list[str]) -> str:
+    text = "\t".join(row)
+    return repr(text if len(text) <= 120 else text[:117] + "...")
+
+
+def glue_file(data_dir: str | Path, task: str | GlueTask, split: str) -> Path:
+    """<data_dir>/<MRPC|SST-2|CoLA>/<split>.tsv; data_dir may also be the task folder itself."""
+    spec, data_dir = task_spec(task), Path(data_dir).expanduser()
+    if split not in SPLITS:
+        raise GlueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if not data_dir.is_dir():
+        raise GlueDataError(f"{data_dir}: GLUE data directory not found; pass --data-dir (or set "
+                            f"${GLUE_DIR_ENV}) to the folder holding {spec.folder}/{split}.tsv")
+    names = (spec.folder, spec.folder.lower(), spec.name, spec.name.upper())
+    if data_dir.name in names and not any((data_dir / name).is_dir() for name in names):
+        return data_dir / f"{split}.tsv"
+    for name in names:
+        if (data_dir / name).is_dir():
+            return data_dir / name / f"{split}.tsv"
+    return data_dir / spec.folder / f"{split}.tsv"
+
+
+def load_glue(task: str | GlueTask, split: str, data_dir: str | Path | None = None) -> GlueData:
+    """One split (train or dev) from local TSVs when a folder is given ($TERNARYLM_GLUE_DIR when
+    data_dir is None), else from the hub dataset nyu-mll/glue."""
+    spec = task_spec(task)
+    if split not in SPLITS:
+        raise GlueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    data_dir = resolve_data_dir(data_dir)
+    if data_dir is not None:
+        return read_glue_tsv(spec, glue_file(data_dir, spec, split), split)
+    return _load_hub(spec, split)
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
+    if data_dir is None or str(data_dir) == "":
+        data_dir = os.environ.get(GLUE_DIR_ENV) or None
+    return None if data_dir is None else Path(data_dir).expanduser()
+
+
+def _hub_offline() -> bool:
+    flags = (os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
+
+
+def _load_hub(spec: GlueTask, split: str) -> GlueData:
+    hub_split = "validation" if split == "dev" else split
+    where = f"hub:{HUB_DATASET}/{spec.hub_config}/{hub_split}"
+    fix = (f"no local GLUE folder was given either: pass --data-dir (or set ${GLUE_DIR_ENV}) to "
+           f"a folder holding {spec.folder}/train.tsv and {spec.folder}/dev.tsv in the GLUE "
+           f"TSV layout")
+    if _hub_offline():
+        raise GlueDataError(f"cannot load hub dataset {HUB_DATASET!r} ({spec.hub_config}): "
+                            f"offline mode (HF_HUB_OFFLINE) is set; {fix}")
+    try:
+        import datasets
+
+        rows = list(datasets.load_dataset(HUB_DATASET, spec.hub_config, split=hub_split))
+    except Exception as err:  # network, missing config or split: all mean "not reachable"
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise GlueDataError(f"cannot load hub dataset {HUB_DATASET!r} ({spec.hub_config}, "
+                            f"split {hub_split}): {first}; {fix}") from err
+    columns = ("sentence1", "sentence2") if spec.pair else ("sentence",)
+    if rows and any(c not in rows[0] for c in (*columns, "label")):
+        raise GlueDataError(f"{where}: expected columns {', '.join((*columns, 'label'))}, found "
+                            f"{', '.join(rows[0])}")
+    labels = [int(r["label"]) for r in rows]
+    if any(label not in (0, 1) for label in labels):
+        raise GlueDataError(f"{where}: labels must be 0 or 1 (the hub's test split has none)")
+    text_a = [r[columns[0]].strip() for r in rows]
+    text_b = [r["sentence2"].strip() for r in rows] if spec.pair else None
+    return GlueData(spec.name, split, text_a, text_b, labels, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def glue_metrics(task: str | GlueTask, y_true, y_pred) -> dict[str, float]:
+    """The task's dev metrics (scikit-learn): MRPC f1 and accuracy, SST-2 accuracy, CoLA mcc
+    (Matthews correlation) and accuracy. F1 is of the positive class (label 1)."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    spec = task_spec(task)
+    compute = {
+        "f1": lambda: f1_score(y_true, y_pred, pos_label=1, average="binary", zero_division=0.0),
+        "accuracy": lambda: accuracy_score(y_true, y_pred),
+        "mcc": lambda: matthews_corrcoef(y_true, y_pred),
+    }
+    return {name: float(compute[name]()) for name in spec.metrics}
+
+
+def majority_label(labels: list[int]) -> int:
+    """The most frequent label (the smaller one on a tie)."""
+    if not labels:
+        raise GlueError("no training labels to take the majority class from")
+    counts = Counter(labels)
+    return min(counts, key=lambda label: (-counts[label], label))
+
+
+def majority_baseline(task: str | GlueTask, train_labels: list[int],
+                      dev_labels: list[int]) -> tuple[int, dict[str, float]]:
+    """The train split's majority label and its dev metrics when predicted for every example."""
+    label = majority_label(train_labels)
+    return label, glue_metrics(task, dev_labels, [label] * len(dev_labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode(tokenizer, data: GlueData, sep_id: int, max_len: int) -> list[list[int]]:
+    """Token ids per example: `a` or `a <sep> b`, at most max_len tokens (pairs lose tokens from
+    the end of the longer sentence first). An empty example becomes [sep_id]."""
+    if max_len < (3 if data.text_b is not None else 1):
+        raise GlueError(f"seq_len {max_len} is too short to encode {data.task} examples")
+    enc = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    a = [e.ids for e in enc(data.text_a, add_special_tokens=False)]
+    if data.text_b is None:
+        return [ids[:max_len] or [sep_id] for ids in a]
+    b = [e.ids for e in enc(data.text_b, add_special_tokens=False)]
+    out = []
+    for x, y in zip(a, b):
+        la, lb = truncate_pair(len(x), len(y), max_len - 1)
+        out.append([*x[:la], sep_id, *y[:lb]])
+    return out
+
+
+def truncate_pair(la: int, lb: int, budget: int) -> tuple[int, int]:
+    """Lengths kept of two sentences so they fit `budget` tokens: the longer one loses tokens
+    first; once they are equal both lose alternately, the first sentence first."""
+    excess = la + lb - budget
+    if excess <= 0:
+        return la, lb
+    cut = min(excess, abs(la - lb))
+    la, lb = (la - cut, lb) if la >= lb else (la, lb - cut)
+    rest = excess - cut
+    return la - (rest + 1) // 2, lb - rest // 2
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and the mask [B, T] of real tokens."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = True
+    return ids.to(device), mask.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def final_hidden(lm: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """Final normed hidden states [B, T, C] of a TernaryLM: its forward without the LM head."""
+    T = idx.shape[1]
+    if T > lm.cfg.seq_len:
+        raise ValueError(f"sequence of {T} tokens is longer than the model's seq_len "
+                         f"{lm.cfg.seq_len}")
+    x = lm.drop(lm.embed(idx))
+    cos, sin = lm.rope_cos[:T], lm.rope_sin[:T]
+    for block in lm.blocks:
+        x = block(x, cos, sin)
+    return lm.norm(x)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, T, C] -> [B, C]: mean over real tokens, or the last real token (right padding)."""
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    if pooling == "last":
+        last = mask.long().sum(1).clamp(min=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise GlueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
+class GlueClassifier(nn.Module):
+    """The pretrained LM (precision plan and all) with a full-precision linear classifier on its
+    pooled final hidden states. The LM's own output head is not used."""
+
+    def __init__(self, lm: nn.Module, n_classes: int = N_CLASSES, pooling: str = "mean",
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise GlueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.lm, self.pooling = lm, pooling
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(lm.cfg.width, n_classes)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token ids and real-token mask [B, T] -> class logits [B, n_classes]."""
+        pooled = pool(final_hidden(self.lm, idx), mask, self.pooling)
+        return self.classifier(self.dropout(pooled.float()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+@dataclass
+class GlueSettings:
+    epochs: int = 3
+    """Passes over the (possibly capped) training split."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate, for the LM and the new classifier alike."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    pooling: str = "mean"
+    """`mean` over real tokens or the `last` real token of the final hidden states."""
+    max_train_examples: int | None = None
+    """Cap on training examples (a seeded random subset); None uses the whole split."""
+    max_dev_examples: int | None = None
+    """Cap on dev examples (a seeded random subset; the baseline uses the same); None = all."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices (not norms, biases or quantizer scales)."""
+    warmup_fraction: float = 0.1
+    """Share of steps with linear warmup; the rest decays linearly to zero."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    classifier_dropout: float = 0.1
+    """Dropout on the pooled representation before the classifier."""
+    eval_batch_size: int = 64
+    """Examples per evaluation batch."""
+    seed: int = 0
+    """Seed of the head's initialisation, subsets, shuffling and dropout."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise GlueError(f"glue.{name} must be a positive integer, got {value!r}")
+        for name in ("max_train_examples", "max_dev_examples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):
+                raise GlueError(f"glue.{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise GlueError(f"glue.lr must be positive, got {self.lr!r}")
+        if self.pooling not in POOLINGS:
+            raise GlueError(f"glue.pooling must be one of {', '.join(POOLINGS)}, got "
+                            f"{self.pooling!r}")
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            raise GlueError("glue.weight_decay must be >= 0 and glue.grad_clip positive")
+        if not 0 <= self.warmup_fraction < 1 or not 0 <= self.classifier_dropout < 1:
+            raise GlueError("glue.warmup_fraction and glue.classifier_dropout must be in [0, 1)")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise GlueError(f"glue.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> GlueSettings:
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise GlueError(f"unknown glue setting(s) {', '.join(unknown)}; known: "
+                            f"{', '.join(sorted(known))}")
+        return cls(**d)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class GlueResult:
+    task: str
+    metrics: dict[str, float]
+    """Dev metrics of the fine-tuned model."""
+    baseline: dict[str, float]
+    """The same metrics of always predicting the train split's majority label."""
+    majority_label: int
+    n_train: int
+    n_dev: int
+    steps: int
+    train_loss: list[tuple[int, float]]
+    """(step, loss) of every optimizer step."""
+    seconds: float
+    quant_linears: int
+    """QuantLinear modules in the LM after fine-tuning."""
+    formats_kept: bool
+    """Every layer still has the format the precision plan gave it."""
+    predictions: list[int] = field(repr=False)
+    model: GlueClassifier | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task": self.task, "metrics": self.metrics, "baseline": self.baseline,
+                "majority_label": self.majority_label, "n_train": self.n_train,
+                "n_dev": self.n_dev, "steps": self.steps,
+                "final_train_loss": self.train_loss[-1][1] if self.train_loss else None,
+                "seconds": round(self.seconds, 3), "quant_linears": self.quant_linears,
+                "formats_kept": self.formats_kept}
+
+
+def _seeded_subset(data: GlueData, cap: int | None, seed: int) -> GlueData:
+    if cap is None or cap >= len(data):
+        return data
+    g = torch.Generator().manual_seed(seed)
+    keep = sorted(torch.randperm(len(data), generator=g)[:cap].tolist())
+    return data.subset(keep)
+
+
+def layer_formats(model: nn.Module) -> dict[str, str]:
+    """name -> format of every quantized module (QuantLinear / QuantEmbedding)."""
+    return {name: m.format for name, m in model.named_modules()
+            if isinstance(m, (QuantLinear, QuantEmbedding))}
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "weight_quantizer" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def predict(model: GlueClassifier, seqs: list[list[int]], pad_id: int, batch_size: int,
+            device: torch.device) -> list[int]:
+    """Argmax class of every sequence (batched by length; the order of `seqs` is kept)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    preds = [0] * len(seqs)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask = pad_batch([seqs[i] for i in chunk], pad_id, device)
+        for i, p in zip(chunk, model(ids, mask).argmax(-1).tolist()):
+            preds[i] = p
+    model.train(was_training)
+    return preds
+
+
+def finetune(trained, task: str | GlueTask, settings: GlueSettings, train: GlueData,
+             dev: GlueData, on_step: Callable[[int, float], None] | None = None) -> GlueResult:
+    """Fine-tune `trained.model` (a TrainedModel from artifacts.load_trained; its LM is trained
+    in place) on `train` and score `dev`, beside the train-majority baseline on the same dev."""
+    spec = task_spec(task)
+    t0 = time.perf_counter()
+    majority = majority_label(train.labels)  # from ALL train labels, before any cap
+    train = _seeded_subset(train, settings.max_train_examples, settings.seed)
+    dev = _seeded_subset(dev, settings.max_dev_examples, settings.seed + 1)
+    if not len(train) or not len(dev):
+        raise GlueError(f"{spec.name}: empty train ({len(train)}) or dev ({len(dev)}) split")
+    lm, eos = trained.model, trained.eos_id
+    planned = {n: f for n, f in trained.formats.items() if f != FP}
+    seq_len = lm.cfg.seq_len
+    train_ids = encode(trained.tokenizer, train, eos, seq_len)
+    dev_ids = encode(trained.tokenizer, dev, eos, seq_len)
+    device = settings.torch_device()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        model = GlueClassifier(lm, N_CLASSES, settings.pooling, settings.classifier_dropout)
+        model.to(device).train()
+        optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr,
+                                      betas=(0.9, 0.98), eps=1e-6)
+        steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+        total = steps_per_epoch * settings.epochs
+        warmup = int(settings.warmup_fraction * total)
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        labels = torch.tensor(train.labels, dtype=torch.long)
+        g = torch.Generator().manual_seed(settings.seed)
+        history: list[tuple[int, float]] = []
+        step = 0
+        for _ in range(settings.epochs):
+            perm = torch.randperm(len(train), generator=g).tolist()
+            for start in range(0, len(perm), settings.batch_size):
+                chunk = perm[start:start + settings.batch_size]
+                ids, mask = pad_batch([train_ids[i] for i in chunk], eos, device)
+                loss = F.cross_entropy(model(ids, mask), labels[chunk].to(device))
+                if not torch.isfinite(loss):
+                    raise GlueError(f"{spec.name} fine-tuning diverged: loss {loss.item()} at "
+                                    f"step {step}; lower glue.lr (now {settings.lr})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                history.append((step, loss.item()))
+                if on_step is not None:
+                    on_step(*history[-1])
+                step += 1
+        preds = predict(model, dev_ids, eos, settings.eval_batch_size, device)
+    model.eval()
+    metrics = glue_metrics(spec, dev.labels, preds)
+    baseline = glue_metrics(spec, dev.labels, [majority] * len(dev))
+    return GlueResult(spec.name, metrics, baseline, majority, len(train), len(dev), step,
+                      history, time.perf_counter() - t0, quant_linears=_count_quant(model.lm),
+                      formats_kept=layer_formats(model.lm) == planned,
+                      predictions=preds, model=model)
+
+
+def _count_quant(model: nn.Module) -> int:
+    return sum(isinstance(m, QuantLinear) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points: MLflow-logged (run id) or local (trained-model directory)
+
+
+def _data_label(data_dir: Path | None) -> str:
+    return str(data_dir.resolve()) if data_dir is not None else f"hub:{HUB_DATASET}"
+
+
+def glue_key(source_run_id: str, task: str, settings: GlueSettings, data: str) -> str:
+    """Content hash of one fine-tuning: the same key means the same result."""
+    blob = json.dumps({"source": source_run_id, "task": task, "settings": settings.to_dict(),
+                       "data": data}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_splits(spec: GlueTask, data_dir: Path | None) -> tuple[GlueData, GlueData]:
+    return load_glue(spec, "train", data_dir), load_glue(spec, "dev", data_dir)
+
+
+def finetune_and_log(source_run_id: str, task: str, settings: GlueSettings | None = None,
+                     data_dir: str | Path | None = None, *, force: bool = False) -> dict[str, Any]:
+    """Fine-tune the model of pretraining run `source_run_id` on `task` and log it as a child
+    run (mlflow.parentRunId = source_run_id, same experiment): params `glue.*`, per-step
+    `train/loss`, `dev/<metric>`, `baseline/<metric>` (train-majority class) and
+    `delta/<metric>` (dev minus baseline), plus results.json. A finished child with the same
+    settings is reused unless `force`. Returns the results as a JSON-ready dict."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    from ternarylm import tracking
+    from ternarylm.artifacts import load_trained
+
+    settings = settings or GlueSettings()
+    spec = task_spec(task)
+    uri = tracking.tracking_uri()
+    c = tracking.client(uri)
+    try:
+        parent = c.get_run(source_run_id)
+    except MlflowException as err:
+        also = (" and it is not a trained-model directory either"
+                if os.sep in source_run_id or source_run_id.startswith(".") else "")
+        raise GlueError(f"pretraining run {source_run_id!r} not found in MLflow store {uri}{also} "
+                        f"({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})"
+                        ) from None
+    experiment_id = parent.info.experiment_id
+    data_dir = resolve_data_dir(data_dir)
+    key = glue_key(source_run_id, spec.name, settings, _data_label(data_dir))
+    if not force:
+        done = _finished_child(c, experiment_id, source_run_id, key)
+        if done is not None:
+            return _stored_result(done, spec, source_run_id)
+    train, dev = _load_splits(spec, data_dir)  # bad data fails before any run is created
+    trained = load_trained(source_run_id)
+    run_name = f"{parent.info.run_name or source_run_id[:8]}-glue-{spec.name}"
+    tags = {GLUE_TASK_TAG: spec.name, GLUE_KEY_TAG: key, GLUE_SOURCE_TAG: source_run_id}
+    run_id = tracking.start_run(uri, experiment_id, run_name, tags, parent_run_id=source_run_id)
+    params = {"glue.task": spec.name, "glue.source_run": source_run_id,
+              "glue.data": _data_label(data_dir), "glue.train_source": train.source,
+              "glue.dev_source": dev.source, "size": trained.trial.size,
+              "scheme": trained.trial.scheme, "plan": trained.trial.plan.name,
+              **{f"glue.{k}": ("none" if v is None else v) for k, v in settings.to_dict().items()}}
+    tracking.log_params(uri, run_id, params)
+    try:
+        result = finetune(trained, spec, settings, train, dev)
+        now = int(time.time() * 1000)
+        metrics = [Metric("train/loss", loss, now, step) for step, loss in result.train_loss]
+        summary = {**{f"dev/{k}": v for k, v in result.metrics.items()},
+                   **{f"baseline/{k}": v for k, v in result.baseline.items()},
+                   **{f"delta/{k}": result.metrics[k] - result.baseline[k] for k in result.metrics},
+                   "n_train": result.n_train, "n_dev": result.n_dev, "steps": result.steps,
+                   "majority_label": result.majority_label, "quant_linears": result.quant_linears,
+                   "seconds": result.seconds}
+        metrics += [Metric(k, float(v), now, result.steps) for k, v in summary.items()]
+        for i in range(0, len(metrics), 1000):
+            c.log_batch(run_id, metrics=metrics[i:i + 1000])
+        out = {**result.to_json(), "run_id": run_id, "source": source_run_id,
+               "size": trained.trial.size, "scheme": trained.trial.scheme,
+               "plan": trained.trial.plan.name, "skipped": False}
+        tracking.set_tags(uri, run_id, {"ternarylm.glue.formats_kept": result.formats_kept})
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, "results.json").write_text(json.dumps(out, indent=1))
+            tracking.log_artifact(uri, run_id, Path(d, "results.json"), "glue")
+    except BaseException as err:
+        tracking.end_run(uri, run_id, "FAILED", f"glue {spec.name} failed: {err}")
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+    return out
+
+
+def _finished_child(c, experiment_id: str, parent_id: str, key: str):
+    from ternarylm import tracking
+
+    runs = c.search_runs([experiment_id],
+                         filter_string=(f"tags.`{GLUE_KEY_TAG}` = '{key}' and "
+                                        f"tags.`{tracking.PARENT_TAG}` = '{parent_id}' and "
+                                        f"attributes.status = 'FINISHED'"),
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def _stored_result(run, spec: GlueTask, source_run_id: str) -> dict[str, Any]:
+    m, p = run.data.metrics, run.data.params
+    return {"task": spec.name,
+            "metrics": {k: m[f"dev/{k}"] for k in spec.metrics if f"dev/{k}" in m},
+            "baseline": {k: m[f"baseline/{k}"] for k in spec.metrics if f"baseline/{k}" in m},
+            "majority_label": int(m.get("majority_label", -1)),
+            "n_train": int(m.get("n_train", 0)), "n_dev": int(m.get("n_dev", 0)),
+            "steps": int(m.get("steps", 0)),
+            "final_train_loss": m.get("train/loss"), "seconds": m.get("seconds"),
+            "quant_linears": int(m.get("quant_linears", 0)),
+            "formats_kept": run.data.tags.get("ternarylm.glue.formats_kept") == "True",
+            "run_id": run.info.run_id, "source": source_run_id, "size": p.get("size"),
+            "scheme": p.get("scheme"), "plan": p.get("plan"), "skipped": True}
+
+
+def run_glue(source: str, task: str, settings: GlueSettings | None = None,
+             data_dir: str | Path | None = None, *, force: bool = False) -> dict[str, Any]:
+    """`ternarylm glue`: a trained-model directory is fine-tuned without MLflow (run_id None);
+    anything else is taken as a pretraining run id and goes through finetune_and_log."""
+    settings = settings or GlueSettings()
+    if not Path(source).is_dir():
+        return finetune_and_log(source, task, settings, data_dir, force=force)
+    from ternarylm.artifacts import load_trained
+
+    spec = task_spec(task)
+    data = resolve_data_dir(data_dir)
+    train, dev = _load_splits(spec, data)
+    trained = load_trained(source)
+    result = finetune(trained, spec, settings, train, dev)
+    return {**result.to_json(), "run_id": None, "source": str(source),
+            "size": trained.trial.size, "scheme": trained.trial.scheme,
+            "plan": trained.trial.plan.name, "skipped": False}
