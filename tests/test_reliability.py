@@ -54,7 +54,7 @@ def test_killed_worker_resumes_in_the_same_run(tmp_path, tinystories, ray_head, 
     assert proc.returncode == 0, err[-3000:]
     client, run = only_run(mlflow_uri)
     assert run.info.status == "FINISHED"
-    assert int(run.data.tags["ternarylm.resumed_from_step"]) >= 20
+    assert int(run.data.tags["ternarylm.resumed_from_step"]) >= 10
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == list(range(5, 61, 5))
 

@@ -125,7 +125,10 @@ def test_stopped_trial_resumes_from_checkpoint(tmp_path, tinystories, ray_head, 
     client, run = only_run(mlflow_uri)  # the same run continued, no second one
     assert run.info.status == "FINISHED"
     resumed = int(run.data.tags["ternarylm.resumed_from_step"])
-    assert resumed >= 20 and resumed % 10 == 0  # a checkpoint step, not a fresh start
+    # A checkpoint step, not a fresh start. Ray Train registers a checkpoint a moment after
+    # it is written, so the newest one may be missing: then the resumed steps were logged
+    # already and must not be logged twice (checked below).
+    assert resumed >= 10 and resumed % 10 == 0
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == list(range(5, 61, 5))  # no gap, no duplicate
     val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]

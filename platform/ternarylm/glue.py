@@ -327,19 +327,6 @@ def pad_batch(seqs: list[list[int]], pad_id: int, device: torch.device | str = "
 # Model
 
 
-def final_hidden(lm: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    """Final normed hidden states [B, T, C] of a TernaryLM: its forward without the LM head."""
-    T = idx.shape[1]
-    if T > lm.cfg.seq_len:
-        raise ValueError(f"sequence of {T} tokens is longer than the model's seq_len "
-                         f"{lm.cfg.seq_len}")
-    x = lm.drop(lm.embed(idx))
-    cos, sin = lm.rope_cos[:T], lm.rope_sin[:T]
-    for block in lm.blocks:
-        x = block(x, cos, sin)
-    return lm.norm(x)
-
-
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """[B, T, C] -> [B, C]: mean over real tokens, or the last real token (right padding)."""
     if pooling == "mean":
@@ -368,7 +355,7 @@ class GlueClassifier(nn.Module):
 
     def forward(self, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Token ids and real-token mask [B, T] -> class logits [B, n_classes]."""
-        pooled = pool(final_hidden(self.lm, idx), mask, self.pooling)
+        pooled = pool(self.lm.hidden_states(idx), mask, self.pooling)
         return self.classifier(self.dropout(pooled.float()))
 
 

@@ -207,6 +207,10 @@ class TernaryLM(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> logits [B, T, V]."""
+        return self.head(self.hidden_states(idx))
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> final normed hidden states [B, T, C] (before the head)."""
         T = idx.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's seq_len "
@@ -215,7 +219,7 @@ class TernaryLM(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for block in self.blocks:
             x = block(x, cos, sin)
-        return self.head(self.norm(x))
+        return self.norm(x)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor,
              label_smoothing: float = 0.0) -> torch.Tensor:

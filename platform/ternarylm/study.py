@@ -61,6 +61,10 @@ class StudyConfig:
     """Peak FLOP/s of one GPU for that estimate (H100 dense bf16)."""
     glue_tasks: list[str] = field(default_factory=list)
     """GLUE tasks to fine-tune every finished trial on (mrpc, sst2, cola)."""
+    glue: dict[str, Any] = field(default_factory=dict)
+    """GLUE fine-tuning settings (ternarylm.glue.GlueSettings fields: epochs, lr, ...)."""
+    glue_data_dir: str | None = None
+    """Folder of GLUE TSVs (<dir>/MRPC/train.tsv, ...); None loads them from the hub."""
 
     def __post_init__(self) -> None:
         for name in ("sizes", "schemes", "plans", "seeds"):
@@ -92,6 +96,11 @@ class StudyConfig:
             raise ConfigError(f"study.per_size names size(s) not in study.sizes: "
                               f"{', '.join(unknown)}")
         self.plans = [PrecisionPlan.from_config(p) for p in self.plans]
+        if self.glue_tasks:
+            from ternarylm.glue import GlueSettings, task_spec
+            for task in self.glue_tasks:
+                task_spec(task)
+            GlueSettings.from_dict(self.glue)
         self.trials()  # every cell must be a valid trial before anything starts
 
     @classmethod
@@ -164,10 +173,12 @@ def _tune_trial(config: dict[str, Any]) -> None:
     # Tune actors inherit the cluster's environment, not the study driver's: pass the URI.
     result = run_trial(cfg, parent_run_id=config["parent_run_id"],
                        callbacks=[TuneReportCallback()], tracking_uri=config.get("tracking_uri"))
-    if config["glue_tasks"]:
+    glue = config["glue"]
+    if glue["tasks"]:
         from ternarylm.glue import GlueSettings, finetune_and_log
-        for task in config["glue_tasks"]:
-            finetune_and_log(result.run_id, task, GlueSettings(), None)
+        for task in glue["tasks"]:
+            finetune_and_log(result.run_id, task, GlueSettings.from_dict(glue["settings"]),
+                             glue["data_dir"])
     tune.report({**{f"final/{k}": v for k, v in result.metrics.items()},
                  "skipped": float(result.skipped)})
 
@@ -258,7 +269,9 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
                                   max_t=max(t.train.steps for t in trials),
                                   grace_period=min(t.train.eval_every for t in trials))
     param_space = {"trial": tune.grid_search([t.to_dict() for t in trials]),
-                   "parent_run_id": parent, "glue_tasks": study.glue_tasks,
+                   "parent_run_id": parent,
+                   "glue": {"tasks": study.glue_tasks, "settings": study.glue,
+                            "data_dir": study.glue_data_dir},
                    "tracking_uri": uri}
     tuner = tune.Tuner(
         tune.with_resources(_tune_trial, _driver_resources()),
