@@ -66,11 +66,15 @@ class WeightQuantizer(nn.Module):
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
+        """codes * scale, in the weight's dtype. Subclasses compute it without the int8 round
+        trip, in place on one fresh tensor: it runs on every forward pass."""
+        q = self.quantize(weight)
+        return q.codes.to(weight.dtype) * q.scale.to(weight.dtype)
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            q = self.quantize(weight)
-            w_hat = (q.codes.to(weight.dtype) * q.scale.to(weight.dtype))
-        return _STE.apply(weight, w_hat)
+        return _STE.apply(weight, self.dequantized(weight))
 
 
 class AbsMean(WeightQuantizer):
@@ -84,6 +88,12 @@ class AbsMean(WeightQuantizer):
         gamma = self._gamma(weight)
         codes = torch.clamp(torch.round(weight.float() / (gamma + EPS)), -1, 1).to(torch.int8)
         return QuantizedWeight(codes, gamma, self.bits)
+
+    @torch.no_grad()
+    def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
+        gamma = self._gamma(weight)
+        w_hat = (weight.float() / (gamma + EPS)).round_().clamp_(-1, 1).mul_(gamma)
+        return w_hat.to(weight.dtype)
 
 
 class AbsMeanChannel(AbsMean):
@@ -104,6 +114,14 @@ class TWN(WeightQuantizer):
         alpha = (w.abs() * keep).sum() / keep.sum().clamp(min=1)
         codes = (torch.sign(w) * keep).to(torch.int8)
         return QuantizedWeight(codes, alpha, self.bits)
+
+    @torch.no_grad()
+    def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.float()
+        magnitude = w.abs()
+        keep = magnitude > 0.7 * magnitude.mean()
+        alpha = magnitude.mul_(keep).sum() / keep.sum().clamp(min=1)
+        return torch.sign(w).mul_(keep).mul_(alpha).to(weight.dtype)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -178,6 +196,13 @@ class IntN(WeightQuantizer):
         codes = torch.clamp(torch.round(w / scale), -self.qmax, self.qmax).to(torch.int8)
         return QuantizedWeight(codes, scale, self.bits)
 
+    @torch.no_grad()
+    def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_(min=EPS).div_(self.qmax)
+        w_hat = (w / scale).round_().clamp_(-self.qmax, self.qmax).mul_(scale)
+        return w_hat.to(weight.dtype)
+
 
 class Int8(IntN):
     name, bits = "int8", 8
@@ -210,8 +235,9 @@ class _ActQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bits: int) -> torch.Tensor:
         qmax = 2 ** (bits - 1) - 1
-        scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / qmax
-        return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS).div_(qmax)
+        # One new tensor, then in place: this runs on the input of every quantized linear.
+        return (x / scale).round_().clamp_(-qmax - 1, qmax).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -208,8 +208,11 @@ def _study_callback(experiment: str, uri: str, n_trials: int):
             if run is not None and run.info.status == "RUNNING":
                 tracking.end_run(uri, run.info.run_id, status, reason)
                 self._line(trial, f"{status}: {reason}")
+            elif run is None:
+                self._line(trial, "no MLflow run")
             else:
-                self._line(trial, run.info.status if run else "no MLflow run")
+                failure = run.data.tags.get("ternarylm.failure")
+                self._line(trial, run.info.status + (f": {failure}" if failure else ""))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._close(trial, "KILLED", "stopped early by the scheduler")
@@ -286,7 +289,8 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
                                   verbose=0),
     )
     grid = tuner.fit()
-    errors = [str(e).splitlines()[0][:300] for e in grid.errors]
+    # The last line of a trial's error is its own exception (Ray prefixes task details).
+    errors = [str(e).strip().splitlines()[-1][:400] for e in grid.errors]
     summary = report_study(study, trials, parent, uri, errors)
     finished = [r for r in grid if r.error is None and r.metrics]
     summary["skipped"] = sorted(_trial_name(r) for r in finished if r.metrics.get("skipped"))

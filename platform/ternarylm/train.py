@@ -34,6 +34,7 @@ from ternarylm import tracking
 
 CHECKPOINT_TAG = "ckpt"
 PROGRESS_METRIC = "train/loss"
+DIVERGED_TAG = "ternarylm.diverged"
 
 # Dense bf16 peak of known accelerators, for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -267,6 +268,9 @@ class _Loop:
 
         self.log.log(step, {PROGRESS_METRIC: loss})
         self.log.flush()
+        if self.rank == 0:  # the driver reads this tag: Ray keeps only checkpointed reports
+            tracking.set_tags(self.log.uri, self.log.run_id,
+                              {DIVERGED_TAG: f"loss became {loss} at step {step}"})
         ray.train.report({"step": step, "diverged": 1.0, PROGRESS_METRIC: loss})
 
     def _export_model(self) -> None:

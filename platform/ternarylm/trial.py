@@ -21,7 +21,7 @@ from mlflow.entities import Metric
 from ternarylm import plots, tracking
 from ternarylm.config import TrialConfig, ternarylm_home
 from ternarylm.data import prepare_data
-from ternarylm.train import PROGRESS_METRIC, TrialRuntime, train_worker
+from ternarylm.train import DIVERGED_TAG, PROGRESS_METRIC, TrialRuntime, train_worker
 
 SUMMARY_METRICS = ("val/loss", "val/ppl", "val/bpb", "train_sample/ppl", "train_val_ratio",
                    "sparsity/ternary", "memory/packed_bytes", "memory/latent_fp32_bytes",
@@ -151,11 +151,10 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
         raise TrialFailed(f"trial {cfg.run_name} failed: {e}") from e
     t2 = time.perf_counter()
     metrics = result.metrics or {}
-    if metrics.get("diverged"):
-        reason = (f"diverged: loss became {metrics.get(PROGRESS_METRIC)} at step "
-                  f"{int(metrics['step'])}")
-        tracking.end_run(uri, run_id, "FAILED", reason)
-        raise TrialFailed(f"trial {cfg.run_name} {reason}")
+    diverged = tracking.client(uri).get_run(run_id).data.tags.get(DIVERGED_TAG)
+    if diverged:
+        tracking.end_run(uri, run_id, "FAILED", f"diverged: {diverged}")
+        raise TrialFailed(f"trial {cfg.run_name} diverged: {diverged}")
     final = finish_run(uri, run_id, cfg, metrics)
     seconds = {"setup": t1 - t0, "fit": t2 - t1, "finish": time.perf_counter() - t2}
     if "time/train_loop_s" in metrics:  # absent when resumed at the last step

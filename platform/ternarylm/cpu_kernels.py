@@ -1,0 +1,220 @@
+"""CPU kernels for packed linears: ternary (2-bit) or int8 weights times int8 activations.
+
+Batch-1 decoding reads every weight once per token, so its speed is memory bandwidth: 2-bit
+weights read 16x fewer bytes than fp32, int8 ones 4x. torch has no 2-bit kernel, and its int8
+matmul (`torch._int_mm`) reaches a fraction of the bandwidth at batch 1, so this module
+compiles its own (C, on first use, with the system C compiler, about a second) and calls them
+through ctypes. Where that fails (no compiler, a CPU without AVX2) packed models fall back to
+torch's int8 matmul, with identical results.
+
+Each call quantizes the activations per token with the same float operations as training
+(`quantizers.quantize_activations`), so the codes are identical, then sums integer products
+exactly in int32 and scales: y[m, n] = dot[m, n] * (a_scale[m] * w_scale[n]).
+
+Ternary layout: a row's codes, padded with zeros to a multiple of 256, as digits
+d = code + 1 in {0, 1, 2}; byte j of the row's 64-byte block b holds the digits of
+k = 256 b + j + 64 s at bits 2s..2s+1 (s = 0..3), so four shifts and masks give four runs of
+64 consecutive digits, ready for a u8 x s8 dot product: sum code a = sum d a - sum a.
+Int8 layout: a row's codes padded with zeros to a multiple of 64; with u = a + 128 (unsigned),
+sum code a = sum code u - 128 sum code. The int8 kernel needs AVX-512 VNNI.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+TERNARY, INT8 = 0, 1  # weight formats, as the C code numbers them
+BLOCK = {TERNARY: 256, INT8: 64}  # rows are padded to a multiple of this many weights
+AVX2, AVX512_VNNI = 1, 2  # CPU levels
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+enum { TERNARY = 0, INT8 = 1 };
+
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static int32_t ternary_dot_avx512(const uint8_t *w, const int8_t *a, int k) {
+    const __m512i mask = _mm512_set1_epi8(3);
+    __m512i acc = _mm512_setzero_si512();
+    for (int i = 0; i < k; i += 256, w += 64, a += 256) {
+        __m512i p = _mm512_loadu_si512(w);
+        for (int s = 0; s < 4; s++, p = _mm512_srli_epi16(p, 2))
+            acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(p, mask),
+                                      _mm512_loadu_si512(a + 64 * s));
+    }
+    return _mm512_reduce_add_epi32(acc);
+}
+
+/* u8 x s8 pairs summed to s16 cannot saturate here: |d a + d a| <= 2 * 2 * 128. */
+__attribute__((target("avx2")))
+static int32_t ternary_dot_avx2(const uint8_t *w, const int8_t *a, int k) {
+    const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    for (int i = 0; i < k; i += 256, w += 64, a += 256) {
+        for (int h = 0; h < 64; h += 32) {
+            __m256i p = _mm256_loadu_si256((const __m256i *)(w + h));
+            for (int s = 0; s < 4; s++, p = _mm256_srli_epi16(p, 2)) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(a + h + 64 * s));
+                __m256i pairs = _mm256_maddubs_epi16(_mm256_and_si256(p, mask), x);
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+            }
+        }
+    }
+    __m128i r = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4e));
+    r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xb1));
+    return _mm_cvtsi128_si32(r);
+}
+
+/* sum_k w_k (a_k + 128): flipping the sign bit of a turns it into the unsigned a + 128. */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static int32_t int8_dot_avx512(const uint8_t *w, const int8_t *a, int k) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc = _mm512_setzero_si512();
+    for (int i = 0; i < k; i += 64)
+        acc = _mm512_dpbusd_epi32(acc, _mm512_xor_si512(_mm512_loadu_si512(a + i), flip),
+                                  _mm512_loadu_si512(w + i));
+    return _mm512_reduce_add_epi32(acc);
+}
+
+/* 2: AVX-512 VNNI, 1: AVX2, 0: neither. */
+int cpu_level(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) return 2;
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
+}
+
+/* torch's quantize_activations, operation for operation:
+   scale = max(max_k |x_k|, 1e-5) / qmax; a_k = clamp(round_half_even(x_k / scale), -qmax-1, qmax).
+   Pads a to kp with zeros; returns the scale and sets *sum = sum_k a_k. */
+static float quantize_row(const float *x, int k, int kp, int qmax, int8_t *a, int32_t *sum) {
+    float amax = 0.0f;
+    for (int i = 0; i < k; i++) amax = fmaxf(amax, fabsf(x[i]));
+    float scale = fmaxf(amax, 1e-5f) / (float)qmax;
+    int32_t s = 0;
+    for (int i = 0; i < k; i++) {
+        a[i] = (int8_t)fminf(fmaxf(nearbyintf(x[i] / scale), (float)(-qmax - 1)), (float)qmax);
+        s += a[i];
+    }
+    for (int i = k; i < kp; i++) a[i] = 0;
+    *sum = s;
+    return scale;
+}
+
+/* y [m, n] = (x [m, k] quantized) . (weight row n) * a_scale * w_scale[n]; rows of kp weights.
+   w_sum: per-row code sums (int8 format only). Returns 1 when out of memory. */
+int quantized_linear(const float *x, int m, int k, const uint8_t *w, const int32_t *w_sum,
+                     const float *w_scale, int n, int kp, int format, int qmax, float *y,
+                     int threads, int level) {
+    int8_t *a = malloc((size_t)m * kp);
+    float *a_scale = malloc(sizeof(float) * m);
+    int32_t *a_sum = malloc(sizeof(int32_t) * m);
+    if (!a || !a_scale || !a_sum) { free(a); free(a_scale); free(a_sum); return 1; }
+    for (int i = 0; i < m; i++)
+        a_scale[i] = quantize_row(x + (size_t)i * k, k, kp, qmax, a + (size_t)i * kp, &a_sum[i]);
+    int32_t (*dot)(const uint8_t *, const int8_t *, int) =
+        format == INT8 ? int8_dot_avx512 : level == 2 ? ternary_dot_avx512 : ternary_dot_avx2;
+    size_t row_bytes = format == INT8 ? (size_t)kp : (size_t)kp / 4;
+    /* A second thread pays off only on enough work to amortise waking it. */
+    int parallel = (long)n * kp * m >= 1L << 20;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
+    for (int j = 0; j < n; j++) {
+        for (int i = 0; i < m; i++) {
+            int32_t d = dot(w + j * row_bytes, a + (size_t)i * kp, kp);
+            d -= format == INT8 ? 128 * w_sum[j] : a_sum[i];
+            y[(size_t)i * n + j] = (float)d * (a_scale[i] * w_scale[j]);
+        }
+    }
+    free(a); free(a_scale); free(a_sum);
+    return 0;
+}
+"""
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ternarylm" / "kernels"
+
+
+def _compile() -> Path:
+    """The shared library, compiled once per source version (atomically: parallel loads race)."""
+    library = _cache_dir() / f"kernels-{hashlib.sha256(SOURCE.encode()).hexdigest()[:16]}.so"
+    if library.is_file():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as d:
+        source, built = Path(d) / "kernels.c", Path(d) / "kernels.so"
+        source.write_text(SOURCE)
+        # No -ffast-math: the activation quantization must round exactly as torch does.
+        subprocess.run([os.environ.get("CC", "cc"), "-O3", "-fopenmp", "-shared", "-fPIC",
+                        str(source), "-o", str(built), "-lm"],
+                       check=True, capture_output=True, text=True, timeout=120)
+        os.replace(built, library)
+    return library
+
+
+@lru_cache(maxsize=None)
+def _library() -> tuple[ctypes.CDLL, int] | None:
+    try:
+        lib = ctypes.CDLL(str(_compile()))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or str(e)
+        warnings.warn(f"CPU kernels unavailable ({detail.strip()[:300]}); packed models use "
+                      f"torch's int8 matmul instead")
+        return None
+    level = lib.cpu_level()
+    if level == 0:
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.quantized_linear.argtypes = [p, i, i, p, p, p, i, i, i, i, p, i, i]
+    lib.quantized_linear.restype = i
+    return lib, level
+
+
+def supports(fmt: int) -> bool:
+    """Whether the kernels compiled and this CPU runs the one for `fmt` (TERNARY or INT8)."""
+    library = _library()
+    return library is not None and library[1] >= (AVX2 if fmt == TERNARY else AVX512_VNNI)
+
+
+def pack_rows(codes: torch.Tensor, fmt: int) -> torch.Tensor:
+    """Integer codes [N, K] (int8) -> uint8 rows [N, bytes per row] in the format's layout."""
+    n, k = codes.shape
+    kp = -(-k // BLOCK[fmt]) * BLOCK[fmt]
+    if fmt == INT8:
+        return F.pad(codes, (0, kp - k)).view(torch.uint8)
+    digits = F.pad(codes + 1, (0, kp - k)).view(torch.uint8).view(n, kp // 256, 4, 64)
+    packed = digits[:, :, 0] | digits[:, :, 1] << 2 | digits[:, :, 2] << 4 | digits[:, :, 3] << 6
+    return packed.reshape(n, kp // 4)
+
+
+def linear(x: torch.Tensor, rows: torch.Tensor, row_sums: torch.Tensor | None,
+           scale: torch.Tensor, in_features: int, fmt: int, activation_bits: int) -> torch.Tensor:
+    """x [M, K] -> [M, N]: per-token quantized activations times packed rows, scaled per row.
+
+    row_sums: each row's code sum (int32 [N]), needed by INT8 rows only.
+    """
+    lib, level = _library()
+    x = x.float().contiguous()
+    m, n = x.shape[0], rows.shape[0]
+    padded = rows.shape[1] * (4 if fmt == TERNARY else 1)
+    y = torch.empty(m, n)
+    status = lib.quantized_linear(
+        x.data_ptr(), m, in_features, rows.data_ptr(),
+        None if row_sums is None else row_sums.data_ptr(), scale.data_ptr(), n, padded, fmt,
+        2 ** (activation_bits - 1) - 1, y.data_ptr(), torch.get_num_threads(), level)
+    if status:
+        raise MemoryError("cpu_kernels: no memory for the quantized activations")
+    return y
