@@ -657,7 +657,14 @@ def test_raycluster_meets_project_requirements():
     ],
 )
 def test_kuberay_requirement_checks_catch_regressions(key_path, value, expected):
-    spec = set_value(load_yaml(RAYCLUSTER)["spec"], key_path, value)
+    spec = load_yaml(RAYCLUSTER)["spec"]
+    if key_path[-2] == "env":  # address the env entry by its name, not its position
+        env = spec
+        for key in key_path[:-1]:
+            env = env[key]
+        names = [e["name"] for e in env]
+        key_path = (*key_path[:-1], names.index(value["name"]))
+    spec = set_value(spec, key_path, value)
     problems = kuberay_problems(spec)
     assert any(expected in p for p in problems), problems
 
