@@ -658,7 +658,7 @@ def test_raycluster_meets_project_requirements():
 )
 def test_kuberay_requirement_checks_catch_regressions(key_path, value, expected):
     spec = load_yaml(RAYCLUSTER)["spec"]
-    if key_path[-2] == "env":  # address the env entry by its name, not its position
+    if len(key_path) > 1 and key_path[-2] == "env":  # find the env entry by name, not position
         env = spec
         for key in key_path[:-1]:
             env = env[key]
