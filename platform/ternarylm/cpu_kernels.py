@@ -27,7 +27,7 @@ import os
 import subprocess
 import tempfile
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -165,7 +165,7 @@ def _compile() -> Path:
     return library
 
 
-@lru_cache(maxsize=None)
+@cache
 def _library() -> tuple[ctypes.CDLL, int] | None:
     try:
         lib = ctypes.CDLL(str(_compile()))

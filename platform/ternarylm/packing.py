@@ -11,13 +11,17 @@ Code packing: a byte holds `per_byte` digits d_i in [0, base) as sum(d_i * base^
 d = code + (base - 1) // 2. Ternary (and int2) codes take 2 bits (4 per byte) or, with
 `trits`, 5 per byte (3^5 = 243 <= 256: 1.6 bits); int4 codes take 4 bits, int8 codes 8.
 
-Inference (`PackedLM`): codes are unpacked once at load to int8 and stay int8. At batch 1 decode
-every weight is read once per token, so the matmul is memory-bound, and int8 x int8 -> int32
-(`torch._int_mm`) reads 4x fewer bytes than fp32; on the reference CPU it beat fp32, bf16, fp16
-and torch's weight-only int8 kernel (`_weight_int8pack_mm`, 5x slower than fp32 there).
-Activations are quantized per token exactly as in training (`quantize_activations`) and the
-integer accumulation is exact, so logits match the fake-quantized model up to float rounding.
-q/k/v and gate/up are fused into one matmul each, and decoding uses a KV cache.
+Inference (`PackedLM`): batch-1 decoding reads every weight once per token, so it runs at the
+speed of memory, and the fewer bytes a weight takes the faster it goes. Ternary layers stay at
+2 bits in memory and run on our kernel (`cpu_kernels`: 2-bit weights x int8 activations), other
+integer layers on its int8 sibling; both are unpacked once at load, never per call. Where the
+kernels cannot run, codes are unpacked to int8 for `torch._int_mm`, with identical results.
+Measured on a 2-core AVX-512 CPU at batch 1 (benchmarks/inference.py, paper-132m blocks):
+the 2-bit kernel ~4x faster than `torch._int_mm` on int8, which beats fp32 sgemv, bf16, fp16
+and torch's weight-only `_weight_int8pack_mm` (5x slower than fp32 there). Activations are
+quantized per token exactly as in training (`quantize_activations`) and integer sums are exact,
+so logits match the fake-quantized model up to float rounding. q/k/v and gate/up are fused into
+one matmul each, and decoding uses a KV cache.
 
 embedding_dtype: "fp32" keeps floating-point layers as trained, so logits match the training
 model. "fp16" halves them; "int8" (default) stores them as per-row absmax int8 and runs the head
@@ -219,8 +223,7 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            # Copies: a tensor viewing the file's memory map would keep all of it resident.
-            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # views of the file's memory map
     except Exception as e:  # safetensors raises its own error type for every malformed file
         raise PackError(f"{path} cannot be read: truncated, corrupted or not a safetensors file "
                         f"({e})") from None
@@ -239,11 +242,14 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 def unpack_weight(name: str, entry: dict, tensors: dict[str, torch.Tensor]
                   ) -> QuantizedWeight | torch.Tensor:
-    """A layer's codes and scales exactly as training quantized them, or its float weight."""
+    """A layer's codes and scales exactly as training quantized them, or its float weight.
+
+    Never a view of `tensors`: one would keep the whole memory-mapped file resident.
+    """
     if entry["packing"] in FLOAT_DTYPES:
-        return tensors[f"{name}.weight"]
+        return tensors[f"{name}.weight"].clone()
     codes = unpack_codes(tensors[f"{name}.codes"], entry["packing"], entry["shape"])
-    return QuantizedWeight(codes, tensors[f"{name}.scale"], entry["bits"])
+    return QuantizedWeight(codes, tensors[f"{name}.scale"].clone(), entry["bits"])
 
 
 # ---------------------------------------------------------------------------------------------
