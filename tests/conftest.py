@@ -66,6 +66,17 @@ def ray_head(tmp_path_factory):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread: on 2 shared cores a second only adds stalls."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

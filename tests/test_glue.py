@@ -40,13 +40,7 @@ QUICK = {"epochs": 1, "max_train_examples": 192, "max_dev_examples": 128, "batch
          "lr": 3e-4, "eval_batch_size": 128}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: one intra-op thread avoids oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

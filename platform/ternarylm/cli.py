@@ -15,7 +15,8 @@ def _describe(args: argparse.Namespace) -> None:
     from ternarylm.model import model_config
     from ternarylm.plans import preset
 
-    overrides = {k: v for k, v in (("vocab_size", args.vocab), ("seq_len", args.seq_len)) if v}
+    overrides = {k: v for k, v in (("vocab_size", args.vocab), ("seq_len", args.seq_len))
+                 if v is not None}
     info = {"size": args.size, "plan": args.plan, "scheme": args.scheme,
             **describe(model_config(args.size, **overrides), preset(args.plan), args.scheme)}
     if args.json:

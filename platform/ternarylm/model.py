@@ -45,7 +45,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("width", "n_layers", "n_heads", "vocab_size", "seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ModelConfigError(f"model: {name} must be a positive integer, "
                                        f"got {getattr(self, name)!r}")
         if self.width % self.n_heads:

@@ -84,12 +84,17 @@ class PrecisionPlan:
         _check_format(self.embedding, "embedding", EMBEDDING_FORMATS)
         for rule in ("first_k", "last_k"):
             k = getattr(self, rule)
-            if isinstance(k, bool) or not isinstance(k, (int, float)) or k < 0:
+            if (isinstance(k, bool) or not isinstance(k, (int, float)) or k < 0
+                    or (k >= 1 and k != int(k))):
                 raise PlanError(f"precision plan: {rule} must be a block count >= 0 or a "
                                 f"fraction of depth in (0, 1), got {k!r}")
         # New dicts: `preset()` copies a preset with dataclasses.replace, which would otherwise
         # share (and let callers mutate) the preset's own dicts.
-        self.blocks = {int(i): f for i, f in self.blocks.items()}
+        try:
+            self.blocks = {int(i): f for i, f in self.blocks.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise PlanError(f"precision plan: blocks must map block indices (integers) to "
+                            f"formats, got {self.blocks!r}") from None
         self.overrides = dict(self.overrides)
         for i, fmt in self.blocks.items():
             if i < 0:

@@ -38,6 +38,14 @@ def block_sparsity_bars(sparsity: dict[int, float], path: Path, title: str) -> P
     return path
 
 
+def _save(fig, ax, path: Path) -> Path:
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _by_size(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
     points = sorted(points)
     return [p[0] for p in points], [p[1] for p in points]
@@ -61,11 +69,7 @@ def loss_vs_size(groups: dict[tuple[str, str], list[dict]], fits: dict[str, dict
     ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="validation loss",
            title="loss vs size (lines: E + A N^-alpha)")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def metric_vs_size(groups: dict[tuple[str, str], list[dict]], key: str, ylabel: str,
@@ -76,11 +80,7 @@ def metric_vs_size(groups: dict[tuple[str, str], list[dict]], key: str, ylabel: 
         ax.plot(n, v, "o-", label=f"{scheme}/{plan}")
     ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel=ylabel)
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def memory_vs_size(rows: list[dict], path: Path) -> Path:
@@ -100,11 +100,7 @@ def memory_vs_size(rows: list[dict], path: Path) -> Path:
         ax.plot([p[0] for p in fp32], [p[1] / 2**20 for p in fp32], "k--", label="FP32 latent")
     ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="MiB")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def sparsity_heatmap(rows: list[dict], path: Path) -> Path:
