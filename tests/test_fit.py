@@ -238,3 +238,16 @@ def test_compare_to_baseline() -> None:
     assert out["ternary"]["std"] == pytest.approx(np.std(groups["ternary"], ddof=1))
     with pytest.raises(ValueError, match="baseline group 'fp32'"):
         compare_to_baseline(groups, "fp32")
+
+
+def test_minimum_points_give_no_intervals_rather_than_zero_width_ones():
+    rng = np.random.default_rng(1)
+    N = np.logspace(5, 6.5, 4)
+    loss = (1.8 + 40 * N ** -0.3) * (1 + 0.005 * rng.standard_normal(4))
+    exact = fit_scaling_law(N, loss, n_boot=50)
+    assert exact.ci == {} and "minimum of distinct points" in exact.to_json()["ci_note"]
+    N5 = np.logspace(5, 6.5, 5)
+    loss5 = (1.8 + 40 * N5 ** -0.3) * (1 + 0.005 * rng.standard_normal(5))
+    spread = fit_scaling_law(N5, loss5, n_boot=50)
+    assert spread.ci_note is None
+    assert all(hi > lo for lo, hi in spread.ci.values())

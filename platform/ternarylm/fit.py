@@ -55,6 +55,7 @@ class ScalingFit:
     ci: dict[str, tuple[float, float]]  # 95% bootstrap intervals; empty when n_boot=0
     n_points: int
     objective: float  # summed Huber loss of the log residuals at the optimum
+    ci_note: str | None = None  # why `ci` is empty although intervals were asked for
 
     def predict(self, N: ArrayLike, D: ArrayLike | None = None) -> np.ndarray:
         """Predicted loss at model size N (and token budget D for the L(N,D) form)."""
@@ -73,6 +74,7 @@ class ScalingFit:
             "ci": {k: [float(lo), float(hi)] for k, (lo, hi) in self.ci.items()},
             "n_points": int(self.n_points),
             "objective": float(self.objective),
+            **({"ci_note": self.ci_note} if self.ci_note else {}),
         }
 
 
@@ -201,6 +203,17 @@ def _shortage(N: np.ndarray, D: np.ndarray | None) -> str | None:
     return None
 
 
+def _resamples_can_differ(N: np.ndarray, D: np.ndarray | None) -> bool:
+    """Whether some resample with enough distinct points lacks one of the data's points. If
+    none does, every usable resample refits the full data and the intervals have zero width."""
+    rows = N[:, None] if D is None else np.stack([N, D], axis=1)
+    for point in np.unique(rows, axis=0):
+        keep = ~np.all(rows == point, axis=1)
+        if _shortage(N[keep], None if D is None else D[keep]) is None:
+            return True
+    return False
+
+
 def _bootstrap(
     N: np.ndarray, D: np.ndarray | None, prob: _Problem, theta0: np.ndarray, n_boot: int, seed: int
 ) -> np.ndarray:
@@ -272,14 +285,18 @@ def fit_scaling_law(
     # threads there slow the fit ~10x on a busy machine.
     with threadpool_limits(limits=1, user_api="blas"):
         theta, objective = _minimise(prob, list(starts))
-        if n_boot:
+        ci_note = None
+        if n_boot and not _resamples_can_differ(N_arr, D_arr):
+            ci_note = ("no intervals: the data hold only the minimum of distinct points, so "
+                       "every usable bootstrap resample repeats the full fit; add runs")
+        elif n_boot:
             samples = _bootstrap(N_arr, D_arr, prob, theta, n_boot, seed)
             lo, hi = np.percentile(samples, [2.5, 97.5], axis=0)
             ci = {name: (float(lo[i]), float(hi[i])) for i, name in enumerate(prob.names)}
 
     params = dict(zip(prob.names, (float(v) for v in _natural_params(theta, prob))))
     form = "L(N)" if D_arr is None else "L(N,D)"
-    return ScalingFit(form, params, ci, len(N_arr), objective)
+    return ScalingFit(form, params, ci, len(N_arr), objective, ci_note)
 
 
 def holdout_check(N: ArrayLike, loss: ArrayLike, D: ArrayLike | None = None, **kw) -> dict:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ternarylm.data import DataError
 from ternarylm.errors import UserError
 from ternarylm.quantizers import FP, QuantEmbedding, QuantLinear
+from ternarylm.train import param_groups
 
 HUB_DATASET = "nyu-mll/glue"
 GLUE_DIR_ENV = "TERNARYLM_GLUE_DIR"
@@ -477,15 +478,6 @@ def layer_formats(model: nn.Module) -> dict[str, str]:
             if isinstance(m, (QuantLinear, QuantEmbedding))}
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and "weight_quantizer" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
 @torch.no_grad()
 def predict(model: GlueClassifier, seqs: list[list[int]], pad_id: int, batch_size: int,
             device: torch.device) -> list[int]:
@@ -525,7 +517,7 @@ def finetune(trained, task: str | GlueTask, settings: GlueSettings, train: GlueD
         torch.manual_seed(settings.seed)
         model = GlueClassifier(lm, N_CLASSES, settings.pooling, settings.classifier_dropout)
         model.to(device).train()
-        optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr,
+        optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr,
                                       betas=(0.9, 0.98), eps=1e-6)
         steps_per_epoch = math.ceil(len(train) / settings.batch_size)
         total = steps_per_epoch * settings.epochs

@@ -94,7 +94,8 @@ class ModelConfig:
 
 SIZES: dict[str, ModelConfig] = {
     name: ModelConfig(width=w, n_layers=l, n_heads=h) for name, (w, l, h) in {
-        "nano": (48, 4, 4),           # 0.11M non-embedding block params
+        "pico": (32, 4, 4),           # 0.05M non-embedding block params
+        "nano": (48, 4, 4),           # 0.11M
         "tiny": (64, 4, 4),           # 0.2M
         "micro": (128, 4, 4),         # 0.8M
         "mini": (192, 4, 4),          # 1.8M

@@ -249,7 +249,24 @@ def quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
     return _ActQuantSTE.apply(x, bits)
 
 
-class QuantLinear(nn.Linear):
+class _AdoptsWeight:
+    """What QuantLinear and QuantEmbedding share: a latent weight and its quantizer."""
+
+    weight_quantizer: WeightQuantizer
+
+    @property
+    def format(self) -> str:
+        return self.weight_quantizer.name
+
+    def _adopt(self, weight: nn.Parameter) -> None:
+        """Take over an existing parameter object (a tied head stays tied, nothing is copied)
+        and initialise the quantizer from it."""
+        self.weight = weight
+        self.weight_quantizer.to(weight.device)
+        self.weight_quantizer.init_from(weight)
+
+
+class QuantLinear(_AdoptsWeight, nn.Linear):
     """nn.Linear whose weight (and optionally input) is fake-quantized in the forward pass.
 
     The latent weight stays in `weight`, so state dicts keep the names of the model they came
@@ -266,17 +283,11 @@ class QuantLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_quantizer: WeightQuantizer,
                     activation_bits: int | None) -> "QuantLinear":
-        # Reuse the parameter objects: a tied head stays tied, and nothing is copied.
         q = cls(linear.in_features, linear.out_features, False, weight_quantizer,
                 activation_bits, device="meta")
-        q.weight, q.bias = linear.weight, linear.bias
-        weight_quantizer.to(linear.weight.device)
-        weight_quantizer.init_from(q.weight)
+        q.bias = linear.bias
+        q._adopt(linear.weight)
         return q
-
-    @property
-    def format(self) -> str:
-        return self.weight_quantizer.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_bits is not None:
@@ -287,7 +298,7 @@ class QuantLinear(nn.Linear):
         return f"{super().extra_repr()}, format={self.format}, activation_bits={self.activation_bits}"
 
 
-class QuantEmbedding(nn.Embedding):
+class QuantEmbedding(_AdoptsWeight, nn.Embedding):
     """nn.Embedding whose table is fake-quantized per row (a row is one token's vector)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int,
@@ -300,14 +311,8 @@ class QuantEmbedding(nn.Embedding):
                        weight_quantizer: WeightQuantizer) -> "QuantEmbedding":
         q = cls(embedding.num_embeddings, embedding.embedding_dim, weight_quantizer,
                 device="meta")
-        q.weight = embedding.weight
-        weight_quantizer.to(embedding.weight.device)
-        weight_quantizer.init_from(q.weight)
+        q._adopt(embedding.weight)
         return q
-
-    @property
-    def format(self) -> str:
-        return self.weight_quantizer.name
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.weight_quantizer(self.weight))

@@ -59,7 +59,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: norms, biases and learned quantizer scales are left alone."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "weight_quantizer" not in name else no_decay).append(p)
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "weight_quantizer" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
