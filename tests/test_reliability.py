@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from ternarylm.config import TrialConfig, load_yaml
 from ternarylm.data import DataConfig, WindowSampler, prepare_data
 from ternarylm.errors import UserError
-from ternarylm.model import ModelConfig
+from ternarylm.model import SIZES, ModelConfig
 from ternarylm.study import StudyConfig
 
 from test_study import study_yaml
@@ -101,7 +101,7 @@ def with_(base: dict, **changes) -> dict:
 
 
 BAD_TRIALS = [
-    (with_(TRIAL, size="huge"), "unknown model size 'huge'; sizes: nano"),
+    (with_(TRIAL, size="huge"), f"unknown model size 'huge'; sizes: {', '.join(SIZES)}"),
     (with_(TRIAL, scheme="binary"), "unknown scheme 'binary'; choose one of absmean"),
     (with_(TRIAL, plan="half_ternary"), "unknown precision plan 'half_ternary'"),
     (with_(TRIAL, plan={"bits": 3}), r"unknown field\(s\) bits"),
