@@ -182,7 +182,8 @@ class _Loop:
     def _record_rank_batches(self, step: int) -> None:
         """Tag the run with a fingerprint of each rank's first batch: proof of disjoint data."""
         x, _ = self.sampler.batch(step, 0)
-        digest = torch.tensor([int(hashlib.sha1(x.numpy().tobytes()).hexdigest()[:12], 16)])
+        digest = torch.tensor([int(hashlib.sha1(x.numpy().tobytes()).hexdigest()[:12], 16)],
+                              device=self.device)  # NCCL gathers CUDA tensors only
         gathered = [torch.zeros_like(digest) for _ in range(self.world)]
         dist.all_gather(gathered, digest)
         if self.rank == 0:
