@@ -419,7 +419,7 @@ def _check_text_prefix(path: Path, size: int = 1 << 20) -> None:
 
 def _hub_documents(name: str, split: str, column: str) -> Iterator[str]:
     """Stream a hub split (streaming: a max_train_bytes cap then downloads only what it reads)."""
-    if _hub_offline():
+    if hub_offline():
         message = f"cannot load hub dataset {name!r}: offline mode (HF_HUB_OFFLINE) is set"
         raise DataError(f"{message}; {_LOCAL_HINT}")
     import datasets
@@ -441,7 +441,8 @@ def _hub_documents(name: str, split: str, column: str) -> Iterator[str]:
             yield text.strip()
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE / HF_DATASETS_OFFLINE ask for no hub access."""
     # Read the environment now: datasets and huggingface_hub read it once, at import, so a
     # later HF_HUB_OFFLINE=1 would otherwise be ignored and the download would retry for ages.
     flags = (os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
@@ -575,7 +576,7 @@ def _pretrained_tokenizer(name: str) -> Tokenizer:
             raise DataError(f"{path}: not a valid tokenizer.json ({err})") from err
     else:
         fix = "pass hf:<path to tokenizer.json or its directory>, or use bpe:N / char"
-        if _hub_offline():
+        if hub_offline():
             raise DataError(f"cannot fetch tokenizer {name!r}: HF_HUB_OFFLINE is set; {fix}")
         try:
             tok = Tokenizer.from_pretrained(name)

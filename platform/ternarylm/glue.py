@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ternarylm.data import DataError
+from ternarylm.data import DataError, hub_offline
 from ternarylm.errors import UserError
 from ternarylm.quantizers import FP, QuantEmbedding, QuantLinear
 from ternarylm.train import param_groups
@@ -212,18 +212,13 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     return None if data_dir is None else Path(data_dir).expanduser()
 
 
-def _hub_offline() -> bool:
-    flags = (os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
-
-
 def _load_hub(spec: GlueTask, split: str) -> GlueData:
     hub_split = "validation" if split == "dev" else split
     where = f"hub:{HUB_DATASET}/{spec.hub_config}/{hub_split}"
     fix = (f"no local GLUE folder was given either: pass --data-dir (or set ${GLUE_DIR_ENV}) to "
            f"a folder holding {spec.folder}/train.tsv and {spec.folder}/dev.tsv in the GLUE "
            f"TSV layout")
-    if _hub_offline():
+    if hub_offline():
         raise GlueDataError(f"cannot load hub dataset {HUB_DATASET!r} ({spec.hub_config}): "
                             f"offline mode (HF_HUB_OFFLINE) is set; {fix}")
     try:
