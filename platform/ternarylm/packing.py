@@ -54,8 +54,8 @@ from tokenizers import Tokenizer
 from ternarylm import cpu_kernels
 from ternarylm.errors import UserError
 from ternarylm.model import ModelConfig, RMSNorm, TernaryLM, apply_rope, rope_tables
-from ternarylm.quantizers import (EPS, FP, Int8, QuantEmbedding, QuantizedWeight, QuantLinear,
-                                  quantize_activations)
+from ternarylm.quantizers import (FP, Int8, QuantEmbedding, QuantizedWeight, QuantLinear,
+                                  activation_codes, quantize_activations)
 
 FORMAT_VERSION = 1
 CONFIG_KEY, SHA256_KEY = "ternarylm.config", "ternarylm.sha256"
@@ -257,13 +257,9 @@ def unpack_weight(name: str, entry: dict, tensors: dict[str, torch.Tensor]
 
 
 def quantize_tokens(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token absmax int8 codes and scales; codes * scale == quantize_activations(x, bits).
-
-    The same operations as training's fake quantization, so the codes are identical.
-    """
-    qmax = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / qmax
-    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax).to(torch.int8), scale
+    """Per-token absmax int8 codes and scales; codes * scale == quantize_activations(x, bits)."""
+    codes, scale = activation_codes(x, bits)
+    return codes.to(torch.int8), scale
 
 
 def _per_channel(scale: torch.Tensor, n: int) -> torch.Tensor:

@@ -231,13 +231,20 @@ def format_bits(fmt: str) -> int:
     return 16 if fmt == FP else WEIGHT_FORMATS[fmt].bits
 
 
+def activation_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax codes (as floats) and scales [..., 1]: the one definition that training
+    and packed inference share, so their codes are identical."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS).div_(qmax)
+    # One new tensor, then in place: this runs on the input of every quantized linear.
+    return (x / scale).round_().clamp_(-qmax - 1, qmax), scale
+
+
 class _ActQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bits: int) -> torch.Tensor:
-        qmax = 2 ** (bits - 1) - 1
-        scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS).div_(qmax)
-        # One new tensor, then in place: this runs on the input of every quantized linear.
-        return (x / scale).round_().clamp_(-qmax - 1, qmax).mul_(scale)
+        codes, scale = activation_codes(x, bits)
+        return codes.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
