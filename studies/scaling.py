@@ -22,7 +22,8 @@ from ternarylm.study import StudyConfig, run_study, trial_table
 from ternarylm.tracking import quiet_mlflow
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-PRESETS = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+PRESETS = sorted(p.stem for p in CONFIGS.glob("*.yaml") if not p.stem.startswith("claims_"))
+LAPTOP_PRESETS = ("local", "frontier", "recipes")
 
 
 def shared_sample() -> Path | None:
@@ -39,7 +40,9 @@ def load_study(args: argparse.Namespace) -> StudyConfig:
 
     raw = load_yaml(args.config or CONFIGS / f"{args.preset}.yaml")
     data = raw.setdefault("trial", {}).setdefault("data", {})
-    corpus = args.data or (shared_sample() if args.preset == "local" and not args.config else None)
+    # The presets that run on a laptop use the shared TinyStories sample when it is there.
+    laptop = args.preset in LAPTOP_PRESETS and not args.config
+    corpus = args.data or (shared_sample() if laptop else None)
     if corpus:
         data["source"] = str(corpus)
     if args.name:
@@ -48,13 +51,21 @@ def load_study(args: argparse.Namespace) -> StudyConfig:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'size':>11} {'scheme':>16} {'plan':>15} {'seed':>4} {'params':>13} {'tokens':>14} "
-          f"{'FLOPs':>10} {'GPU-h':>9}")
+    print(f"{'role':>6} {'size':>11} {'scheme':>16} {'plan':>15} {'seed':>4} {'lr':>8} "
+          f"{'params':>13} {'vocab':>6} {'tokens':>14} {'FLOPs':>10} {'GPU-h':>9}")
     for r in rows:
-        print(f"{r['size']:>11} {r['scheme']:>16} {r['plan']:>15} {r['seed']:>4} "
-              f"{r['params']:>13,} {r['tokens']:>14,} {r['flops']:>10.3g} {r['gpu_hours']:>9.3g}")
-    total = sum(r["gpu_hours"] for r in rows)
-    print(f"{len(rows)} trials, {total:.3g} GPU-hours at the assumed MFU")
+        lr = "search" if r["lr"] is None else f"{r['lr']:.3g}"
+        print(f"{r['role']:>6} {r['size']:>11} {r['scheme']:>16} {r['plan']:>15} {r['seed']:>4} "
+              f"{lr:>8} {r['params']:>13,} {r['vocab']:>6} {r['tokens']:>14,} "
+              f"{r['flops']:>10.3g} {r['gpu_hours']:>9.3g}")
+    for role in ("search", "final"):
+        mine = [r for r in rows if r["role"] == role]
+        if mine:
+            print(f"{len(mine)} {role} trials, {sum(r['gpu_hours'] for r in mine):.3g} GPU-hours "
+                  f"at the assumed MFU")
+    sources = {r["vocab_source"] for r in rows if "default" in r["vocab_source"]}
+    for source in sorted(sources):
+        print(f"vocabulary: {source}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scaling.py: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        keys = ("parent_run_id", "trained", "skipped", "fits", "errors", "warnings")
+        keys = ("parent_run_id", "trained", "skipped", "fits", "frontier", "errors", "warnings",
+                "lr_search")
         print(json.dumps({k: summary[k] for k in keys}, default=str))
     return 1 if summary["errors"] else 0
 

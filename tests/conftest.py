@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,30 +42,79 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_ray_head(temp: Path, env: dict, *, num_cpus: int = 2,
+                   resources: str = '{"trial_driver": 1000}', timeout: float = 240
+                   ) -> tuple[subprocess.Popen, dict]:
+    """A `ray start --head --block` on loopback with its own ports and temp dir, in a new
+    process session: every process of this cluster, and no other, carries that session id.
+
+    Returns the blocking process and the environment a client needs: RAY_ADDRESS for drivers,
+    the dashboard URL for `ray job submit`, and RAY_AUTH_MODE=token.
+    """
+    port, dashboard = free_port(), free_port()
+    temp.mkdir(parents=True, exist_ok=True)
+    log = open(temp / "ray-start.log", "w")
+    proc = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--disable-usage-stats",
+         f"--resources={resources}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client_env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token",
+                  "RAY_DASHBOARD": f"http://127.0.0.1:{dashboard}"}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited: {(temp / 'ray-start.log').read_text()[-2000:]}")
+        status = subprocess.run(["ray", "status", "--address", client_env["RAY_ADDRESS"]],
+                                env={**env, **client_env}, capture_output=True, timeout=120)
+        if status.returncode == 0:
+            return proc, client_env
+        time.sleep(2)
+    stop_ray_head(proc)
+    raise RuntimeError(f"ray head did not come up in {timeout} s")
+
+
+def session_processes(sid: int) -> list:
+    """Every live process of one session (a cluster started by `start_ray_head`)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                found.append(p)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def stop_ray_head(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """End the cluster of `start_ray_head`, and only it: its session's processes, by id."""
+    import psutil
+
+    for p in session_processes(proc.pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+    _, alive = psutil.wait_procs(session_processes(proc.pid), timeout=30)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
-    """A real `ray start --head` on loopback with token authentication, shared by the run.
-
-    Yields the environment a client needs: RAY_ADDRESS for drivers, the dashboard URL for
-    `ray job submit`, and RAY_AUTH_MODE=token.
-    """
+    """One real Ray head on loopback with token authentication, shared by the run, stopped by
+    its own process ids: a user's cluster on the same machine is left alone."""
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
                    env=env, check=True, capture_output=True)
-    port, dashboard = free_port(), free_port()
-    temp = tmp_path_factory.mktemp("ray")
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1",
-                    f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    f"--temp-dir={temp}", "--disable-usage-stats",
-                    '--resources={"trial_driver": 1000}'],
-                   env=env, check=True, capture_output=True, timeout=180)
-    client_env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token",
-                  "RAY_DASHBOARD": f"http://127.0.0.1:{dashboard}"}
+    proc, client_env = start_ray_head(tmp_path_factory.mktemp("ray"), env)
     try:
         yield client_env
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_head(proc)
 
 
 @pytest.fixture

@@ -244,18 +244,24 @@ def _build_concurrently(config: DataConfig, barrier, results) -> None:
     results.put(("path", str(prepared.path), prepared.train_tokens))
 
 
-@needs_tinystories
-def test_concurrent_builds_yield_one_cache(tmp_path):
-    config = DataConfig(source=str(TINYSTORIES), tokenizer="bpe:300", cache_dir=str(tmp_path / "cache"))
+def _build_at_once(configs: list[DataConfig]) -> list[tuple]:
+    """Each config prepared by its own process, all building at the same time."""
     ctx = mp.get_context("spawn")  # a fresh interpreter each, like two Ray workers
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_build_concurrently, args=(config, barrier, results)) for _ in range(2)]
+    barrier, results = ctx.Barrier(len(configs)), ctx.Queue()
+    procs = [ctx.Process(target=_build_concurrently, args=(c, barrier, results)) for c in configs]
     for proc in procs:
         proc.start()
     for proc in procs:
         proc.join(timeout=180)
         assert proc.exitcode == 0
-    messages = [results.get(timeout=5) for _ in range(4)]
+    return [results.get(timeout=5) for _ in range(2 * len(configs))]
+
+
+@needs_tinystories
+def test_concurrent_builds_yield_one_cache(tmp_path):
+    """Two processes (two nodes on a shared filesystem) build one cache at once."""
+    config = DataConfig(source=str(TINYSTORIES), tokenizer="bpe:300", cache_dir=str(tmp_path / "cache"))
+    messages = _build_at_once([config, config])
 
     assert sorted(m[1] for m in messages if m[0] == "won") == [False, True]
     paths = {m[1] for m in messages if m[0] == "path"}
@@ -266,6 +272,27 @@ def test_concurrent_builds_yield_one_cache(tmp_path):
     assert {m[2] for m in messages if m[0] == "path"} == {prepared.train_tokens}
     assert len(prepared.tokens("train")) == prepared.train_tokens
     assert prepared.tokenizer().get_vocab_size() == 300
+
+
+@needs_tinystories
+def test_nodes_that_did_not_prepare_build_the_same_cache(tmp_path):
+    """Two nodes that did not prepare the data (a trial's ranks on fresh autoscaled nodes) build
+    it at once, each in its own local cache: the same cache name and byte-identical tokens,
+    tokenizer and metadata, so every rank trains on one vocabulary and one token stream."""
+    configs = [DataConfig(source=str(TINYSTORIES), tokenizer="bpe:300",
+                          cache_dir=str(tmp_path / f"node{i}" / "cache")) for i in range(2)]
+    messages = _build_at_once(configs)
+
+    assert [m[1] for m in messages if m[0] == "won"] == [True, True]  # nothing shared
+    first, second = sorted(Path(m[1]) for m in messages if m[0] == "path")
+    assert first.name == second.name and first.parent != second.parent
+    files = {p.name: p.read_bytes() for p in first.iterdir()}
+    assert sorted(files) == ["meta.json", "tokenizer.json", "train.bin", "validation.bin"]
+    assert files == {p.name: p.read_bytes() for p in second.iterdir()}
+    prepared = PreparedData.load(first)
+    assert len(prepared.tokens("train")) == prepared.train_tokens > 0
+    for node in configs:  # no build folder left behind on either node
+        assert [p.name for p in Path(node.cache_dir).iterdir()] == [first.name]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ CASES = {
     "absmean_channel-trits": ("absmean_channel", "all_ternary", True),
     "twn": ("twn", "all_ternary", False),
     "learned-trits": ("learned", "all_ternary", True),
+    "trilm_mp3": ("trilm_mp3", "all_ternary", False),  # per-shard scales, expanded per row
+    "paretoq-trits": ("paretoq", "all_ternary", True),  # learned per-row scale, 2/3 alpha
     "boundary_int8": ("absmean", {"preset": "boundary_int8", "first_k": 1, "last_k": 1}, False),
     "middle_ternary-trits": ("twn", "middle_ternary", True),
     # Quantized embedding and head, 4-bit activations, and an fp k among q/k/v (not fusable).

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+import yaml
 import torch.nn as nn
 from ternarylm.model import ModelConfig, TernaryLM
 from ternarylm.plans import PRESETS, PlanError, PrecisionPlan, apply_plan, preset
@@ -51,7 +52,27 @@ def test_linear_names_match_the_model():
 # --- presets -----------------------------------------------------------------------------------
 
 def test_preset_names():
-    assert set(PRESETS) == {"fp", "all_ternary", "boundary_int8", "middle_ternary"}
+    assert set(PRESETS) == {"fp", "int8", "int4", "all_ternary", "all_ternary_int8_vocab",
+                            "all_ternary_int4_vocab", "boundary_int8", "middle_ternary"}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_uniform_int_presets(fmt):
+    plan = preset(fmt)
+    assert plan.activation_bits == 8 and plan.embedding == "fp"
+    got = plan.resolve(names(4), 4, "learned")
+    assert got == expected(4, {i: fmt for i in range(4)})
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_all_ternary_vocab_presets(fmt):
+    plan = preset(f"all_ternary_{fmt}_vocab")
+    assert plan.embedding == fmt
+    got = plan.resolve(names(4), 4, "twn")
+    assert got == expected(4, {i: "twn" for i in range(4)}, head=fmt)
+    model = small_model(2)
+    formats = apply_plan(model, plan, "absmean", 2)
+    assert formats["embed"] == fmt and model.embed.format == fmt and model.head.format == fmt
 
 
 @pytest.mark.parametrize("n_layers", [12, 4])
@@ -283,6 +304,35 @@ def test_round_trip(source):
             assert getattr(plan, key) == value
 
 
+@pytest.mark.parametrize("spelling", ["mapping", "string"])
+def test_plan_from_file(tmp_path, monkeypatch, spelling):
+    fields = {"name": "from_file", "preset": "all_ternary", "blocks": {0: "int8", 3: "int4"},
+              "head": "int8"}
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "plans" / "mine.yaml").write_text(yaml.safe_dump(fields))
+    monkeypatch.chdir(tmp_path)  # relative paths are taken from the working directory
+    source = {"file": "plans/mine.yaml"} if spelling == "mapping" else "plans/mine.yaml"
+    plan = PrecisionPlan.from_config(source)
+    assert plan == dataclasses.replace(preset("all_ternary"), name="from_file",
+                                       blocks={0: "int8", 3: "int4"}, head="int8")
+
+
+@pytest.mark.parametrize("content, source, message", [
+    (None, {"file": "missing.yaml"}, "precision plan file missing.yaml: cannot read it"),
+    ("- fp\n", "plan.yaml", "plan.yaml must hold one mapping of plan fields"),
+    ("a: [\n", "plan.yaml", "plan.yaml is not valid YAML"),
+    ("defualt: fp\n", "plan.yaml", "plan.yaml: precision plan: unknown field(s) defualt"),
+    ("file: other.yaml\n", "plan.yaml", "no nested `file:`"),
+    ("default: fp\n", {"file": "plan.yaml", "head": "int8"}, "`file` must stand alone"),
+])
+def test_bad_plan_files_are_refused(tmp_path, monkeypatch, content, source, message):
+    monkeypatch.chdir(tmp_path)
+    if content is not None:
+        (tmp_path / "plan.yaml").write_text(content)
+    with pytest.raises(PlanError, match=re.escape(message)):
+        PrecisionPlan.from_config(source)
+
+
 def test_from_config_preset_base_with_changes():
     plan = PrecisionPlan.from_config({"preset": "boundary_int8", "head": "int8", "last_k": 1})
     assert (plan.name, plan.first_k, plan.last_k, plan.head) == ("boundary_int8", 2, 1, "int8")
@@ -315,9 +365,9 @@ def test_apply_plan_swaps_modules(scheme):
     after = dict(model.named_parameters())
     extra = set(after) - set(before)
     assert set(before) <= set(after)
-    if scheme == "learned":
+    if scheme in ("learned", "paretoq"):  # schemes with a trainable scale
         assert extra == {f"{n}.weight_quantizer.scale" for n, f in formats.items()
-                         if f == "learned"}
+                         if f == scheme}
     else:
         assert extra == set()
     # the converted model runs

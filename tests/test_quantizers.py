@@ -22,12 +22,14 @@ from ternarylm.quantizers import (
     WEIGHT_FORMATS,
     AbsMean,
     AbsMeanChannel,
+    AbsMeanShards,
     Int2,
     Int4,
     Int8,
     Learned,
     QuantEmbedding,
     QuantLinear,
+    StretchedElastic,
     format_bits,
     quantize_activations,
 )
@@ -56,7 +58,10 @@ def close(a, b, tol=1e-6) -> None:
 # --- registry ----------------------------------------------------------------------------------
 
 def test_registry_names_bits_and_ternary_flags():
-    assert set(TERNARY_SCHEMES) == {"absmean", "absmean_channel", "twn", "learned"}
+    assert set(TERNARY_SCHEMES) == {"absmean", "absmean_channel", "twn", "learned", "trilm",
+                                    "trilm_mp2", "trilm_mp3", "trilm_mp6", "paretoq"}
+    assert [WEIGHT_FORMATS[f"trilm_mp{n}"].n_shards for n in (2, 3, 6)] == [2, 3, 6]
+    assert AbsMeanShards.n_shards == 1
     assert set(WEIGHT_FORMATS) == {*TERNARY_SCHEMES, "int8", "int4", "int2"}
     assert set(FORMATS) == {*WEIGHT_FORMATS, "fp"}
     for name in TERNARY_SCHEMES:
@@ -122,6 +127,103 @@ def test_learned_init_and_codes_hand_example():
     close(q.scale, 0.4, tol=1e-4)
     # the differentiable forward produces the same dequantized weight
     close(quantizer(t(W_EVEN)).detach(), q.codes.float() * 0.4, tol=1e-4)
+
+
+# Four rows for the sharded scheme: |W| row sums 1.7, 0.19, 1.9, 0.65.
+W_FOUR = [*W_MIXED, W_EVEN[1], [0.2, -0.05, 0.4, 0.0]]
+
+
+def test_trilm_one_shard_is_per_tensor_absmean():
+    # one shard: gamma = (1.7 + 0.19) / 8 = 0.23625 for both rows, as test_absmean_per_tensor
+    q = WEIGHT_FORMATS["trilm"]().quantize(t(W_MIXED))
+    assert q.codes.tolist() == [[1, 0, 0, 1], [0, 0, 0, 0]]
+    assert q.scale.shape == (2, 1)  # one value per row, for the packed format
+    close(q.scale, [[0.23625], [0.23625]])
+
+
+def test_trilm_two_shards_hand_example():
+    # rows 0-1: gamma = (1.7 + 0.19) / 8 = 0.23625 -> row 0: 2.12, -0.42, 0, 4.66 -> 1, 0, 0, 1
+    #                                                 row 1: all |.| < 0.4 -> 0
+    # rows 2-3: gamma = (1.9 + 0.65) / 8 = 0.31875
+    #   row 2: -1.88, 0.31, 0.94, -2.82 -> -1, 0, 1, -1
+    #   row 3: 0.63, -0.16, 1.25, 0 -> 1, 0, 1, 0
+    q = WEIGHT_FORMATS["trilm_mp2"]().quantize(t(W_FOUR))
+    assert q.codes.tolist() == [[1, 0, 0, 1], [0, 0, 0, 0], [-1, 0, 1, -1], [1, 0, 1, 0]]
+    close(q.scale, [[0.23625], [0.23625], [0.31875], [0.31875]])
+
+
+def test_trilm_uneven_shards_hand_example():
+    # 4 rows in 3 shards: rows {0, 1}, {2}, {3} (the first shard takes the extra row)
+    # row 2 alone: gamma = 1.9 / 4 = 0.475: -1.26, 0.21, 0.63, -1.89 -> -1, 0, 1, -1
+    # row 3 alone: gamma = 0.65 / 4 = 0.1625: 1.23, -0.31, 2.46, 0 -> 1, 0, 1, 0
+    q = WEIGHT_FORMATS["trilm_mp3"]().quantize(t(W_FOUR))
+    assert q.codes.tolist() == [[1, 0, 0, 1], [0, 0, 0, 0], [-1, 0, 1, -1], [1, 0, 1, 0]]
+    close(q.scale, [[0.23625], [0.23625], [0.475], [0.1625]])
+    # six shards of four rows: two are empty, each row is its own shard (= absmean_channel)
+    q6 = WEIGHT_FORMATS["trilm_mp6"]().quantize(t(W_FOUR))
+    channel = AbsMeanChannel().quantize(t(W_FOUR))
+    assert torch.equal(q6.codes, channel.codes)
+    close(q6.scale, channel.scale)
+
+
+def paretoq(alpha_rows) -> StretchedElastic:
+    quantizer = StretchedElastic()
+    quantizer.init_from(t(W_EVEN))
+    with torch.no_grad():
+        quantizer.scale.copy_(t(alpha_rows))
+    return quantizer
+
+
+def test_paretoq_init_is_the_row_absmax():
+    quantizer = StretchedElastic()
+    quantizer.init_from(t(W_EVEN))
+    # row maxima |W|: 1.1 and 0.9; the reported initial scale is the level 2/3 alpha
+    close(quantizer.scale.detach(), [[1.1], [0.9]])
+    close(quantizer.initial_scale, [[1.1 * 2 / 3], [0.9 * 2 / 3]])
+    assert [n for n, _ in quantizer.named_parameters()] == ["scale"]
+
+
+def test_paretoq_hand_example():
+    # alpha = 0.5 (row 0), 2.0 (row 1); x = W / alpha, clamped to +-0.99, times 1.5, rounded:
+    # row 0: x = 1.0, -0.2, 0, 2.2 -> 0.99, -0.2, 0, 0.99 -> 1.485, -0.3, 0, 1.485 -> 1, 0, 0, 1
+    # row 1: x = -0.3, 0.05, 0.15, -0.45 -> -0.45, 0.075, 0.225, -0.675 -> 0, 0, 0, -1
+    # scale = 2/3 alpha: 1/3 and 4/3; the weights between alpha/3 and alpha all get a code
+    quantizer = paretoq([[0.5], [2.0]])
+    q = quantizer.quantize(t(W_EVEN))
+    assert q.codes.dtype == torch.int8 and q.bits == 2
+    assert q.codes.tolist() == [[1, 0, 0, 1], [0, 0, 0, -1]]
+    close(q.scale, [[1 / 3], [4 / 3]])
+    # ParetoQ's dequantized weight alpha * round(1.5 clamp(x)) / 1.5 is codes * scale
+    close(quantizer(t(W_EVEN)).detach(), [[1 / 3, 0, 0, 1 / 3], [0, 0, 0, -4 / 3]])
+
+
+def test_paretoq_gradients_match_the_seq_formulas():
+    quantizer = paretoq([[0.5], [2.0]])
+    w = t(W_EVEN).requires_grad_()
+    (quantizer(w) * t(UPSTREAM)).sum().backward()
+    # x = W / alpha as above; inside the clip |x| <= 0.99: row 0 only x = -0.2 and 0
+    inside = t([[0, 1, 1, 0], [1, 1, 1, 1]])
+    close(w.grad, t(UPSTREAM) * inside, tol=0)
+    # s = codes * 2/3 - x inside, sign(x) outside:
+    # row 0: s = 1, 0 - (-0.2), 0 - 0, 1 -> sum G s = 1 - 0.4 + 0 + 0.5 = 1.1
+    # row 1: s = 0.3, -0.05, -0.15, -2/3 + 0.45 -> sum G s = -0.45 - 0.2 - 0.3 + 0.65 = -0.3
+    # dalpha = sum / sqrt(numel = 8)
+    close(quantizer.scale.grad, [[1.1 / math.sqrt(8)], [-0.3 / math.sqrt(8)]], tol=1e-6)
+
+
+def test_paretoq_linear_round_trip_and_tiny_alpha():
+    torch.manual_seed(9)
+    linear = nn.Linear(12, 6, bias=False)
+    q = QuantLinear.from_linear(linear, StretchedElastic(), activation_bits=None)
+    assert q.weight_quantizer.scale.shape == (6, 1)
+    assert set(dict(q.named_parameters())) == {"weight", "weight_quantizer.scale"}
+    # a scale driven to zero or below is held at EPS: codes stay ternary, values finite
+    with torch.no_grad():
+        q.weight_quantizer.scale[0] = -1.0
+    codes = q.weight_quantizer.quantize(q.weight).codes
+    assert set(codes.unique().tolist()) <= {-1, 0, 1}
+    assert torch.isfinite(q(torch.randn(3, 12))).all()
+    close(q.weight_quantizer.quantize(q.weight).scale[0], EPS * 2 / 3)
 
 
 INT_CASES = {
@@ -195,7 +297,8 @@ UPSTREAM = [[1.0, -2.0, 3.0, 0.5],
             [-1.5, 4.0, 2.0, -3.0]]
 
 
-@pytest.mark.parametrize("fmt", ["absmean", "absmean_channel", "twn", "int8", "int4", "int2"])
+@pytest.mark.parametrize("fmt", ["absmean", "absmean_channel", "twn", "trilm", "trilm_mp2",
+                                 "int8", "int4", "int2"])
 def test_ste_weight_gradient_is_the_upstream_gradient(fmt):
     w = t(W_EVEN).requires_grad_()
     quantizer = WEIGHT_FORMATS[fmt]()

@@ -20,6 +20,7 @@ from ternarylm.config import TrialConfig, load_yaml
 from ternarylm.data import DataConfig, WindowSampler, prepare_data
 from ternarylm.errors import UserError
 from ternarylm.model import SIZES, ModelConfig
+from ternarylm.plans import PRESETS
 from ternarylm.study import StudyConfig
 
 from test_study import study_yaml
@@ -114,11 +115,11 @@ BAD_TRIALS = [
     (with_(TRIAL, train__steps=-5), "TrainConfig.steps must be a positive number"),
     (with_(TRIAL, train__micro_batch=0), "TrainConfig.micro_batch must be a positive number"),
     (with_(TRIAL, train__zero_stage=4), "zero_stage must be 0, 1, 2 or 3"),
-    (with_(TRIAL, train__schedule="linear"), "schedule must be 'cosine' or 'wsd'"),
+    (with_(TRIAL, train__schedule="linear"), "schedule must be 'cosine', 'wsd' or 'two_stage'"),
     (with_(TRIAL, train__precision="fp16"), "precision must be auto, bf16 or fp32"),
     (with_(TRIAL, train__warmup_steps=500), r"warmup_steps \(500\) must be >= 0 and below"),
     (with_(TRIAL, train__label_smoothing=1.5), r"label_smoothing must be in \[0, 1\)"),
-    (with_(TRIAL, train__stpes=10), r"unknown setting\(s\) in train: stpes"),
+    (with_(TRIAL, train__stpes=10), r"unknown setting\(s\) in trial.train: stpes"),
     (with_(TRIAL, sise="nano"), r"unknown setting\(s\) in trial: sise"),
     (with_(TRIAL, num_workers=0), "TrialConfig.num_workers must be a positive number"),
     (with_(TRIAL, max_failures=-1), "max_failures must be >= 0"),
@@ -231,5 +232,5 @@ def test_study_script_refuses_a_bad_config_in_one_line(tmp_path):
                           str(config)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "scaling.py: error: unknown precision plan 'fp8'; presets: fp, all_ternary, "
-        "boundary_int8, middle_ternary (or give a mapping of plan fields)"]
+        "scaling.py: error: unknown precision plan 'fp8'; presets: "
+        f"{', '.join(PRESETS)} (or give a mapping of plan fields)"]

@@ -73,6 +73,18 @@ def test_study_submitted_as_ray_job(tmp_path, tinystories, ray_head):
     fit = summary["fits"]["absmean/all_ternary"]
     assert fit["points"] == 4 and {"E", "A", "alpha", "ci"} <= set(fit["fit"])
     assert parent.data.metrics["study/trials_finished"] == 4
+    # Summary metrics on the parent, comparable across studies in the MLflow UI.
+    for size in ("nano", "tiny", "micro", "mini"):
+        best = parent.data.metrics[f"best/val/bpb/{size}/all_ternary"]
+        trial = next(r for r in runs.values() if r.info.run_name.startswith(f"{size}-"))
+        assert best == pytest.approx(trial.data.metrics["final/val/bpb"])
+    assert parent.data.metrics["fit/absmean/all_ternary/alpha"] == pytest.approx(
+        fit["fit"]["alpha"])
+    # The dry run's FLOPs are the ones each trial logged.
+    planned = {r["key"]: r["flops"] for r in trial_table(StudyConfig.from_yaml(config))}
+    for run in runs.values():
+        assert run.data.metrics["final/progress/flops"] == planned[
+            run.data.tags["ternarylm.trial_key"]]
 
 
 @pytest.mark.slow

@@ -14,17 +14,18 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from ternarylm import metrics as M
+from ternarylm.config import TrialConfig
+from ternarylm.study import trial_vocab
+
 pytestmark = pytest.mark.slow
 
-TRIAL_METRICS = {
-    "train/loss", "train/lr", "val/loss", "val/ppl", "val/bpb", "train_sample/loss",
-    "train_sample/ppl", "train_val_ratio", "sparsity/ternary", "sparsity/block_00",
-    "sparsity/block_03", "bits/effective_ternary", "scale/learned_drift",
-    "memory/latent_fp32_bytes", "memory/packed_bytes", "memory/peak_rss_bytes",
-    "perf/tokens_per_s", "perf/flops_per_s", "progress/tokens", "progress/flops",
-    "final/val/ppl", "final/val/bpb", "final/train_val_ratio", "final/memory/packed_bytes",
-    "time/setup_s", "time/fit_s", "time/outside_training_s",
-}
+# Every metric a CPU trial of a learned-scale ternary model logs (not MFU or CUDA memory).
+TRIAL_METRICS = ({m for m in M.METRICS if "{" not in m} - {M.MFU, M.PEAK_CUDA}
+                 | {M.block_sparsity(0), M.block_sparsity(3)})
+TRIAL_METRICS |= {M.final(m) for m in M.summary_names()} - {M.final(M.MFU),
+                                                           M.final(M.PEAK_CUDA)}
+TRIAL_METRICS -= {M.STUDY_TRIALS, M.STUDY_FINISHED, M.STUDY_FAILED, M.STUDY_STOPPED}
 
 
 def trial_config(tmp_path: Path, corpus: Path, **train) -> Path:
@@ -77,11 +78,33 @@ def test_two_worker_trial_logs_every_metric(tmp_path, tinystories, ray_head, mlf
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert losses[-1] < losses[0]
     m = run.data.metrics
-    assert 1 < m["final/val/ppl"] < 257 and m["final/val/bpb"] > 0
-    assert m["final/train_val_ratio"] == pytest.approx(
-        m["val/ppl"] / m["train_sample/ppl"], rel=1e-6)
-    assert 0 < m["sparsity/ternary"] < 1
-    assert m["memory/packed_bytes"] < m["memory/latent_fp32_bytes"]
+    assert 1 < m[M.final(M.VAL_PPL)] < 257 and m[M.final(M.VAL_BPB)] > 0
+    assert m[M.final(M.TRAIN_VAL_RATIO)] == pytest.approx(
+        m[M.VAL_PPL] / m[M.TRAIN_SAMPLE_PPL], rel=1e-6)
+    assert 0 < m[M.SPARSITY] < 1
+    assert m[M.PACKED_BYTES] < m[M.LATENT_BYTES]
+    # The dry run's FLOPs (the trial's real vocabulary) are what the trial logged.
+    trial = TrialConfig.from_yaml(config)
+    vocab, _ = trial_vocab(trial)
+    assert m[M.final(M.FLOPS)] == (trial.model_config(vocab).flops_per_token(trial.seq_len)
+                                   * trial.train.steps * trial.global_batch_tokens)
+    # `ternarylm pack RUN` writes a file of exactly the logged size.
+    packed = tmp_path / "packed.safetensors"
+    out = subprocess.run(["ternarylm", "pack", run.info.run_id, "--out", str(packed)],
+                         capture_output=True, text=True, env=train_env(ray_head, mlflow_uri),
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert packed.stat().st_size == m[M.final(M.PACKED_BYTES)]
+    # Settings of how it runs (cadences, caps, CPUs) are not its identity: a rerun reuses it.
+    rerun = trial_config(tmp_path, tinystories, eval_every=15, log_every=3,
+                         eval_max_tokens=1000)
+    out = subprocess.run(["ternarylm", "train", "--config", str(rerun)], capture_output=True,
+                         text=True, env=train_env(ray_head, mlflow_uri), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    again = json.loads(out.stdout.strip().splitlines()[-1])
+    assert again["skipped"] and again["run_id"] == run.info.run_id
+    assert "packed/model.packed.safetensors" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "packed")}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/loss_curves.png", "plots/block_sparsity.png"} <= artifacts
     model = {a.path for a in client.list_artifacts(run.info.run_id, "model")}

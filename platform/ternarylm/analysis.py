@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ternarylm.model import ModelConfig, TernaryLM, model_config
+from ternarylm.model import ModelConfig, TernaryLM
 from ternarylm.plans import PrecisionPlan, apply_plan
-from ternarylm.quantizers import FP, TERNARY_SCHEMES, QuantEmbedding, QuantLinear, format_bits
+from ternarylm.quantizers import TERNARY_SCHEMES, QuantEmbedding, QuantLinear
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -44,7 +43,7 @@ def layer_stats(model: nn.Module) -> list[dict[str, Any]]:
             "effective_bits": _entropy_bits(q.codes),
         }
         if hasattr(m.weight_quantizer, "initial_scale"):
-            row["scale_initial"] = float(m.weight_quantizer.initial_scale)
+            row["scale_initial"] = float(m.weight_quantizer.initial_scale.float().mean())
         rows.append(row)
     return rows
 
@@ -61,37 +60,22 @@ def block_sparsity(rows: list[dict[str, Any]]) -> dict[int, float]:
     return {b: zeros[b] / total[b] for b in sorted(total)}
 
 
-def packed_bytes(model: nn.Module, formats: dict[str, str]) -> int:
-    """Bytes of the deployable model: each weight at its format's width plus fp32 scales.
-
-    Unquantized tensors (norms, fp layers and embeddings) count at fp16.
-    """
-    total = 0
-    seen: set[int] = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        module_name = name.rpartition(".")[0]
-        fmt = formats.get(module_name, FP) if name.endswith("weight") else FP
-        if module_name.endswith("weight_quantizer"):
-            continue  # a learned scale: counted with the scales below
-        total += math.ceil(p.numel() * format_bits(fmt) / 8)
-        if fmt != FP:
-            per_channel = fmt.startswith("int") or fmt == "absmean_channel"
-            total += 4 * (p.shape[0] if per_channel else 1)
-    return total
-
-
 def describe(cfg: ModelConfig, plan: PrecisionPlan, scheme: str) -> dict[str, Any]:
-    """Parameter counts, FLOPs and memory of a model under a plan, built on the meta device."""
+    """Parameter counts, FLOPs and memory of a model under a plan, built on the meta device.
+
+    `packed_bytes` is the size of the file `ternarylm pack` writes with its default options
+    (int8 embedding and head where training kept them in floating point), sized by the code
+    that writes it; the real file adds its tokenizer's JSON and the trial's provenance.
+    """
+    from ternarylm.packing import packed_contents, packed_size
+
     with torch.device("meta"):
         model = TernaryLM(cfg)
         formats = apply_plan(model, plan, scheme, cfg.n_layers)
     counts = cfg.param_counts()
     ternary = sum(model.get_submodule(n).weight.numel() for n, f in formats.items()
                   if f in TERNARY_SCHEMES)
-    packed = packed_bytes(model, formats)
+    packed = packed_size(*packed_contents(model, "", 0))
     fp32 = 4 * sum(p.numel() for p in model.parameters())
     return {
         **counts,
@@ -99,12 +83,16 @@ def describe(cfg: ModelConfig, plan: PrecisionPlan, scheme: str) -> dict[str, An
         "flops_per_token": cfg.flops_per_token(),
         "fp32_bytes": fp32,
         "packed_bytes": packed,
+        "packed_assumes": "ternarylm pack defaults (int8 embedding and head where the plan "
+                          "keeps them in fp, 2-bit ternary codes); without the tokenizer JSON "
+                          "and provenance a real file also holds",
         "compression": fp32 / packed,
         "formats": dict(sorted({f: sum(1 for v in formats.values() if v == f)
                                 for f in set(formats.values())}.items())),
     }
 
 
-def has_ternary_layers(size: str, plan: PrecisionPlan) -> bool:
-    """Whether a plan puts any layer of this size in a ternary scheme (fp does not)."""
-    return describe(model_config(size, vocab_size=256), plan, TERNARY_SCHEMES[0])["ternary_weights"] > 0
+def has_ternary_layers(cfg: ModelConfig, plan: PrecisionPlan) -> bool:
+    """Whether a plan puts any linear of this model in a ternary scheme (fp does not)."""
+    formats = plan.resolve(cfg.linear_names(), cfg.n_layers, TERNARY_SCHEMES[0])
+    return any(f in TERNARY_SCHEMES for f in formats.values())

@@ -39,9 +39,42 @@ def _train(args: argparse.Namespace) -> None:
                       "metrics": result.metrics}))
 
 
-def _fit(args: argparse.Namespace) -> None:
-    from ternarylm.fit import fit_csv
+def _fit_joint(args: argparse.Namespace) -> None:
+    from ternarylm.fit import fit_precision_csv
 
+    law = fit_precision_csv(args.csv, reference=args.reference, n_boot=args.bootstrap,
+                            seed=args.seed)
+    budgets = [law.at_budget(b, args.tokens, seed=args.seed) for b in args.budget]
+    if args.json:
+        print(json.dumps({**law.to_json(), "budgets": budgets}))
+        return
+    print(f"{law.form} fitted on {law.n_points} points, reference {law.reference}, "
+          f"residual sd {law.residual_sd:.3g} (log loss)")
+    for name, value in law.params.items():
+        low, high = law.ci.get(name, (float("nan"), float("nan")))
+        print(f"{name:>16} = {value:.6g}   95% CI [{low:.6g}, {high:.6g}]")
+    for b in budgets:
+        print(f"at {b['budget_bytes']:,.0f} bytes (best: {b['best']}):")
+        for plan, e in b["plans"].items():
+            if "loss" not in e:
+                print(f"  {plan:>24}: {e['skipped']}")
+                continue
+            pi = ("   95% CI [{:.4g}, {:.4g}]  PI [{:.4g}, {:.4g}]".format(*e["ci"], *e["pi"])
+                  if "pi" in e else "")
+            extra = " (extrapolated)" if e["extrapolated"] else ""
+            print(f"  {plan:>24}: N {e['N']:,.0f}{extra}   loss {e['loss']:.4g}{pi}")
+        if b["best"] in b.get("p_beats", {}):
+            odds = ", ".join(f"{y} {p:.2f}" for y, p in b["p_beats"][b["best"]].items())
+            print(f"  P({b['best']} beats ...): {odds}")
+
+
+def _fit(args: argparse.Namespace) -> None:
+    from ternarylm.fit import FitError, fit_csv
+
+    if args.joint:
+        return _fit_joint(args)
+    if args.budget:
+        raise FitError("--budget needs --joint (the precision-aware fit across plans)")
     fit = fit_csv(args.csv, n_boot=args.bootstrap, seed=args.seed)
     if args.json:
         print(json.dumps(fit.to_json()))
@@ -50,6 +83,16 @@ def _fit(args: argparse.Namespace) -> None:
     for name, value in fit.params.items():
         low, high = fit.ci.get(name, (float("nan"), float("nan")))
         print(f"{name:>6} = {value:.6g}   95% CI [{low:.6g}, {high:.6g}]")
+
+
+def _allocate(args: argparse.Namespace) -> None:
+    from ternarylm.allocate import allocate, write_plan
+
+    allocation = allocate(args.source, args.budget_bits, signal=args.signal, high=args.high,
+                          low=args.low, max_tokens=args.max_tokens, name=args.name)
+    if args.out:
+        write_plan(allocation, args.out)
+    print(json.dumps({**allocation.to_json(), "out": args.out}))
 
 
 def _glue(args: argparse.Namespace) -> None:
@@ -81,6 +124,33 @@ def _generate(args: argparse.Namespace) -> None:
     print(args.prompt + completion)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from ternarylm.export import export_gguf, export_hf
+
+    if args.format == "hf":
+        result = export_hf(args.source, args.out)
+        print(json.dumps({"path": str(result.path), "format": "hf", "tied": result.tied,
+                          "files": result.files, "quantization_note": result.quantization_note}))
+        return
+    result = export_gguf(args.source, args.out, args.type, args.fallback)
+    print(result.note(), file=sys.stderr)  # which tensors fell back, and why
+    print(json.dumps({"format": "gguf", **result.to_json()}))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from ternarylm.harness import evaluate
+
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)  # a count; below 1 the harness reads a fraction of each task
+    summary = evaluate(args.source, args.tasks, packed=args.packed,
+                       include_path=args.include_path, limit=limit,
+                       num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                       embedding_dtype=args.embedding_dtype, device=args.device,
+                       log=not args.no_log)
+    print(json.dumps(summary, default=str))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ternarylm.model import SIZES
     from ternarylm.quantizers import TERNARY_SCHEMES
@@ -106,7 +176,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the CIs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--joint", action="store_true", help="one precision-aware law across plans: "
+                   "L = E + A (N f_plan)^-alpha (+ B D^-beta); CSV columns plan, N, loss or "
+                   "val_bpb, packed_bytes (a study's results.csv works)")
+    p.add_argument("--reference", default="fp", help="with --joint: the plan with f = 1, the "
+                   "most precise one")
+    p.add_argument("--budget", type=float, nargs="+", default=[], metavar="BYTES",
+                   help="with --joint: predict every plan at these deployable byte budgets, "
+                   "with 95%% prediction intervals and P(plan X beats plan Y)")
+    p.add_argument("--tokens", type=float, help="with --joint and a D column that varies: the "
+                   "training tokens D of the predictions")
     p.set_defaults(func=_fit)
+
+    from ternarylm.allocate import SIGNALS
+
+    p = sub.add_parser("allocate", help="a precision plan from a pilot trial: the high format "
+                                        "for its most sensitive blocks, within a bit budget")
+    p.add_argument("source", help="the pilot: an MLflow run id or a trained-model directory")
+    p.add_argument("--budget-bits", type=float, required=True, help="average storage bits per "
+                   "weight of the block linears (e.g. 3.5 with int8 over ternary's 2)")
+    p.add_argument("--signal", default="loss", choices=SIGNALS, help="loss: validation loss "
+                   "rise with one block low; sparsity: 1 - the block's zero-code share (cheaper)")
+    p.add_argument("--high", default="int8", help="format of the sensitive blocks")
+    p.add_argument("--low", default="ternary", help="format of the other blocks")
+    p.add_argument("--max-tokens", type=int, default=20000,
+                   help="validation tokens per evaluation of the loss signal")
+    p.add_argument("--name", help="plan name (default sensitive_<signal>_<budget>b)")
+    p.add_argument("--out", help="write the plan as YAML here (a study lists it as "
+                   "{file: PATH})")
+    p.set_defaults(func=_allocate)
 
     from ternarylm.glue import POOLINGS, TASKS, GlueSettings
 
@@ -154,6 +252,36 @@ def build_parser() -> argparse.ArgumentParser:
                    "probabilities add up to p (nucleus sampling)")
     p.add_argument("--seed", type=int, help="seed of the sampler, for repeatable output")
     p.set_defaults(func=_generate)
+
+    from ternarylm.export import FORMATS as EXPORT_FORMATS, GGUF_FALLBACKS, GGUF_TYPES
+
+    p = sub.add_parser("export", help="export a finished trial as a Hugging Face Llama directory "
+                                      "or a llama.cpp GGUF file (dequantized / TQ2_0 weights)")
+    p.add_argument("source", help="MLflow run id or trained-model directory")
+    p.add_argument("out", help="output directory (hf) or .gguf file (gguf)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--type", default="tq2_0", choices=GGUF_TYPES,
+                   help="gguf: storage of ternary layers whose rows are a multiple of 256 long")
+    p.add_argument("--fallback", default="f16", choices=GGUF_FALLBACKS,
+                   help="gguf: storage of every other matrix (norms are always f32)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks on a trained model; a run id's "
+                                    "results are logged as its child MLflow run")
+    p.add_argument("source", help="MLflow run id, trained-model directory or packed file")
+    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--packed", action="store_true",
+                   help="evaluate the packed CPU model (packed on the fly from a run or directory)")
+    p.add_argument("--include-path", help="folder of task YAMLs (e.g. on local jsonl files)")
+    p.add_argument("--limit", type=float, help="examples per task (a fraction if below 1)")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--embedding-dtype", default="int8", choices=EMBEDDING_DTYPES,
+                   help="--packed, packing on the fly (a directory, or a run without a logged "
+                   "packed file): storage of floating-point layers, as in `ternarylm pack`")
+    p.add_argument("--device", default="cpu", help="latent weights: cpu or cuda[:N]")
+    p.add_argument("--no-log", action="store_true", help="do not log a child MLflow run")
+    p.set_defaults(func=_eval)
     return parser
 
 

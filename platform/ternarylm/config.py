@@ -1,19 +1,26 @@
-"""Trial configuration: one model, trained once. Loaded from YAML, validated before Ray starts."""
+"""Trial configuration: one model, trained once. Loaded from YAML, validated before Ray starts.
+
+Validation is cheap (no model is built): every field's type is checked against its annotation
+in one place (`_build`), then each dataclass checks its values in `__post_init__`. Fields marked
+`RUN_ONLY` say how and where a trial runs, not what it trains, and stay out of its key.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ternarylm.analysis import describe
 from ternarylm.data import DataConfig
 from ternarylm.errors import UserError
 from ternarylm.model import ModelConfig, model_config
@@ -28,6 +35,11 @@ class ConfigError(UserError):
 def ternarylm_home() -> Path:
     """Where local runs keep their MLflow store and Ray Train results ($TERNARYLM_HOME)."""
     return Path(os.environ.get("TERNARYLM_HOME", Path.home() / ".ternarylm")).expanduser()
+
+
+RUN_ONLY = {"identity": False}
+"""Field metadata: how or where the trial runs (cadences, caps, resources, names, places), not
+what model it trains; such fields are left out of `TrialConfig.key()`."""
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -51,13 +63,25 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak."""
     schedule: str = "cosine"
-    """`cosine` (warmup then cosine decay) or `wsd` (warmup, stable, decay)."""
+    """`cosine` (warmup then cosine decay), `wsd` (warmup, stable, decay) or `two_stage`
+    (BitNet b1.58's: the cosine with a drop at `stage2_at`; see ternarylm.optim)."""
     warmup_steps: int = 20
     """Linear warmup steps."""
     decay_fraction: float = 0.2
     """With `wsd`: fraction of steps spent in the final linear decay."""
     weight_decay: float = 0.01
     """AdamW weight decay on matrices (not norms, scales or biases), as in the paper."""
+    stage2_at: float = 0.5
+    """With `two_stage`: fraction of steps after which the learning rate drops (BitNet b1.58
+    2B4T: "approximately midway")."""
+    stage2_lr_ratio: float = 2 / 3
+    """With `two_stage`: the stage-2 learning rate as a fraction of the stage-1 curve (BitNet's
+    training tips: 1.5e-3 -> 1e-3 and 1.2e-3 -> 8e-4)."""
+    stage2_weight_decay: float = 0.0
+    """With `two_stage`: weight decay in stage 2 (BitNet b1.58 and TriLM: 0)."""
+    weight_decay_stage2_at: float | None = None
+    """With `two_stage`: fraction of steps after which `stage2_weight_decay` applies; None =
+    `stage2_at` (BitNet); TriLM (Spectra) removes weight decay at 2/3."""
     betas: tuple[float, float] = (0.9, 0.98)
     """AdamW betas, as in the paper."""
     grad_clip: float = 1.0
@@ -68,25 +92,36 @@ class TrainConfig:
     """DeepSpeed ZeRO stage (0-3)."""
     precision: str = "auto"
     """`auto` (bf16 on CUDA, fp32 on CPU), `bf16` or `fp32`."""
-    eval_every: int = 50
+    eval_every: int = field(default=50, metadata=RUN_ONLY)
     """Steps between evaluations (and one at the end)."""
-    eval_max_tokens: int | None = None
+    eval_max_tokens: int | None = field(default=None, metadata=RUN_ONLY)
     """Cap on validation tokens per evaluation; None walks the whole split."""
-    train_sample_tokens: int = 16384
+    train_sample_tokens: int = field(default=16384, metadata=RUN_ONLY)
     """Training tokens evaluated in eval mode for the train/val ratio."""
-    checkpoint_every: int = 50
+    checkpoint_every: int = field(default=50, metadata=RUN_ONLY)
     """Steps between checkpoints."""
-    log_every: int = 10
+    log_every: int = field(default=10, metadata=RUN_ONLY)
     """Steps between metric reports."""
-    inject_nan_at_step: int | None = None
+    inject_nan_at_step: int | None = field(default=None, metadata=RUN_ONLY)
     """Fault injection: make the training loss NaN at this step (tests divergence handling)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         _positive(self, "steps", "micro_batch", "grad_accum", "lr", "eval_every",
                   "checkpoint_every", "log_every", "train_sample_tokens", "grad_clip")
-        if self.schedule not in ("cosine", "wsd"):
-            raise ConfigError(f"train.schedule must be 'cosine' or 'wsd', got {self.schedule!r}")
+        if self.schedule not in ("cosine", "wsd", "two_stage"):
+            raise ConfigError(f"train.schedule must be 'cosine', 'wsd' or 'two_stage', got "
+                              f"{self.schedule!r}")
+        for name in ("stage2_at", "weight_decay_stage2_at"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise ConfigError(f"train.{name} must be a fraction of steps in (0, 1), got "
+                                  f"{value!r}")
+        if not 0 < self.stage2_lr_ratio <= 1:
+            raise ConfigError(f"train.stage2_lr_ratio must be in (0, 1], got "
+                              f"{self.stage2_lr_ratio!r}")
+        if self.weight_decay < 0 or self.stage2_weight_decay < 0:
+            raise ConfigError("train.weight_decay and train.stage2_weight_decay must be >= 0")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -101,6 +136,11 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             raise ConfigError(f"train.warmup_steps ({self.warmup_steps}) must be >= 0 and below "
                               f"train.steps ({self.steps})")
+        if self.schedule == "two_stage" and int(self.stage2_at * self.steps) < self.warmup_steps:
+            raise ConfigError(f"train.stage2_at ({self.stage2_at}) starts stage 2 at step "
+                              f"{int(self.stage2_at * self.steps)}, inside the "
+                              f"{self.warmup_steps} warmup steps; raise stage2_at or lower "
+                              f"warmup_steps")
 
 
 @dataclass
@@ -119,23 +159,29 @@ class TrialConfig:
     """Dropout rate."""
     tie_head: bool = False
     """Tie the output head to the embedding."""
+    block: str = "llama"
+    """Block variant: `llama` (the paper's) or `bitnet` (BitNet b1.58's sub-norms and squared
+    ReLU; see ternarylm.model.BLOCKS)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus and tokenizer."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation and evaluation settings."""
     num_workers: int = 1
     """Ray Train workers (data-parallel ranks)."""
-    cpus_per_worker: int = 1
+    cpus_per_worker: int = field(default=1, metadata=RUN_ONLY)
     """CPUs reserved per worker."""
     use_gpu: bool = False
     """One GPU per worker."""
-    max_failures: int = 2
+    max_failures: int = field(default=2, metadata=RUN_ONLY)
     """Worker failures a trial survives (restarts from its last checkpoint)."""
-    experiment: str = "ternarylm"
+    experiment: str = field(default="ternarylm", metadata=RUN_ONLY)
     """MLflow experiment name."""
-    name: str | None = None
+    recipe: str | None = field(default=None, metadata=RUN_ONLY)
+    """The named recipe (ternarylm.recipes) a study built this trial from: a label, since the
+    recipe's settings are the trial's own fields."""
+    name: str | None = field(default=None, metadata=RUN_ONLY)
     """Run name; defaults to `<size>-<scheme>-<plan>-s<seed>-<key>`."""
-    storage_path: str | None = None
+    storage_path: str | None = field(default=None, metadata=RUN_ONLY)
     """Ray Train storage (local path or s3://, gs://); default $TERNARYLM_STORAGE_PATH or
     $TERNARYLM_HOME/runs."""
 
@@ -145,22 +191,27 @@ class TrialConfig:
                               f"{', '.join(TERNARY_SCHEMES)}")
         self.plan = PrecisionPlan.from_config(self.plan)
         if isinstance(self.data, dict):
-            self.data = _build(DataConfig, self.data, "data")
+            self.data = _build(DataConfig, self.data, "trial.data")
         if isinstance(self.train, dict):
-            self.train = _build(TrainConfig, self.train, "train")
+            self.train = _build(TrainConfig, self.train, "trial.train")
         _positive(self, "num_workers", "cpus_per_worker")
         if self.max_failures < 0:
             raise ConfigError(f"max_failures must be >= 0, got {self.max_failures}")
-        # Builds the model on the meta device: checks size, seq_len and the plan against it now.
-        describe(self.model_config(vocab_size=256), self.plan, self.scheme)
+        if not self.experiment.strip():
+            raise ConfigError("experiment is empty: name the MLflow experiment (default "
+                              "ternarylm)")
+        # Size, seq_len and the plan checked against the model's shape, without building it.
+        cfg = self.model_config(vocab_size=256)
+        self.plan.resolve(cfg.linear_names(), cfg.n_layers, self.scheme)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return model_config(self.size, vocab_size=vocab_size, seq_len=self.seq_len,
-                            dropout=self.dropout, tie_head=self.tie_head)
+                            dropout=self.dropout, tie_head=self.tie_head, block=self.block)
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.size}-{self.scheme}-{self.plan.name}-s{self.seed}-{self.key()[:8]}"
+        cell = self.recipe or f"{self.scheme}-{self.plan.name}"
+        return self.name or f"{self.size}-{cell}-s{self.seed}-{self.key()[:8]}"
 
     def check_capacity(self, resources: dict[str, float]) -> None:
         """Refuse a trial the cluster can never place (no autoscaler can add nodes)."""
@@ -183,17 +234,22 @@ class TrialConfig:
         d["plan"] = dataclasses.asdict(self.plan)
         return d
 
+    def identity(self) -> dict[str, Any]:
+        """The settings that define the trained model: every field not marked RUN_ONLY (size,
+        scheme, plan, data, tokenizer, optimiser, schedule, budget, seed, batch), less the
+        plan's name and the token cache's place."""
+        d = _identity_fields(self)
+        d["data"].pop("cache_dir")
+        d["plan"].pop("name")
+        return d
+
     def key(self) -> str:
-        """Content hash of the settings that change the trained model (not names or places).
+        """Content hash of `identity()`: two configs with one key train the same model.
 
         Only settings that differ from their defaults are hashed, so a release that adds a
         setting (with a default that keeps the old behaviour) leaves every key as it was.
         """
-        d = _changed(self.to_dict(), _default_trial_dict())
-        for k in ("experiment", "name", "storage_path", "max_failures"):
-            d.pop(k, None)
-        d.get("data", {}).pop("cache_dir", None)
-        d.get("plan", {}).pop("name", None)
+        d = _changed(self.identity(), _default_identity())
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:
@@ -216,9 +272,20 @@ class TrialConfig:
         return cls.from_dict(load_yaml(path))
 
 
+def _identity_fields(obj: Any) -> dict[str, Any]:
+    """A dataclass as a dict of its identity fields, nested dataclasses likewise."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("identity", True):
+            value = getattr(obj, f.name)
+            out[f.name] = (_identity_fields(value) if dataclasses.is_dataclass(value)
+                           else value)
+    return out
+
+
 @functools.cache
-def _default_trial_dict() -> dict[str, Any]:
-    return TrialConfig().to_dict()
+def _default_identity() -> dict[str, Any]:
+    return TrialConfig().identity()
 
 
 def _changed(value: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
@@ -248,7 +315,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def _build(cls: type, d: dict[str, Any], where: str):
-    """Construct dataclass `cls` from a mapping, refusing unknown keys by name."""
+    """Construct dataclass `cls` from a mapping, refusing unknown keys and values whose type
+    does not match the field's annotation, by dotted name."""
     if not isinstance(d, dict):
         raise ConfigError(f"{where} must be a mapping of settings, got {d!r}")
     known = {f.name for f in dataclasses.fields(cls)}
@@ -256,7 +324,78 @@ def _build(cls: type, d: dict[str, Any], where: str):
     if unknown:
         raise ConfigError(f"unknown setting(s) in {where}: {', '.join(unknown)}; known: "
                           f"{', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    values = {k: check_type(v, hints[k], f"{where}.{k}") for k, v in d.items()}
     try:
-        return cls(**d)
+        return cls(**values)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return {"int": "an integer", "float": "a number", "bool": "true or false",
+                "str": "a string", "list": "a list", "dict": "a mapping",
+                "tuple": "a list"}.get(annotation.__name__, annotation.__name__)
+    return str(annotation).replace("typing.", "")
+
+
+def check_type(value: Any, annotation: Any, where: str) -> Any:
+    """`value` if it fits `annotation` (an int where a float belongs becomes a float), else a
+    ConfigError naming the field `where`. Dataclass fields accept their mappings (built by the
+    dataclass itself); a precision plan accepts a preset name or a mapping."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            with contextlib.suppress(ConfigError):
+                return check_type(value, arg, where)
+        raise ConfigError(f"{where} must be "
+                          f"{' or '.join(_type_name(a) for a in args).replace('NoneType', 'null')}"
+                          f", got {value!r}")
+    if annotation is PrecisionPlan:
+        if isinstance(value, (str, dict, PrecisionPlan)):
+            return value
+        raise ConfigError(f"{where} must be a preset name or a mapping of settings, got "
+                          f"{value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, (dict, annotation)):
+            return value
+        raise ConfigError(f"{where} must be a mapping of settings, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
+            return tuple(check_type(v, a, f"{where}[{i}]") for i, (v, a) in
+                         enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        checked = [check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(checked) if origin is tuple else checked
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        key_type, value_type = args or (Any, Any)
+        return {check_type(k, key_type, f"{where} key"): check_type(v, value_type,
+                                                                      f"{where}.{k}")
+                for k, v in value.items()}
+    return _check_scalar(value, annotation, where)
+
+
+def _check_scalar(value: Any, annotation: type, where: str) -> Any:
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation in (bool, str) and isinstance(value, annotation):
+        return value
+    if annotation not in (int, float, bool, str):
+        return value  # a type this checker does not know: the dataclass checks it
+    hint = ""
+    if annotation is float and isinstance(value, str):
+        hint = " (YAML reads 3e-3 as text: write 3.0e-3)"
+    raise ConfigError(f"{where} must be {_type_name(annotation)}, got {value!r}{hint}")

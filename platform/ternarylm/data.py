@@ -166,6 +166,36 @@ def prepare_data(config: DataConfig) -> PreparedData:
     return PreparedData.load(final)
 
 
+def vocab_size(config: DataConfig) -> int | None:
+    """The vocabulary a trial of this data trains with, without building anything.
+
+    The token cache's when it exists (exact); otherwise from the tokenizer spec: `char` is 256
+    bytes + eos, `bpe:N` is N (at most: a small corpus may support fewer merges), `hf:` reads
+    the tokenizer file (a local path, or the Hugging Face cache: a dry run never waits on the
+    network), eos added if it has none. None when an `hf:` tokenizer is not on this machine.
+    """
+    cached = Path(config.cache_dir).expanduser() / _cache_name(config) / META_FILE
+    if cached.is_file():
+        return json.loads(cached.read_text())["vocab_size"]
+    kind, arg = _parse_tokenizer(config.tokenizer)
+    if kind == "char":
+        return 257
+    if kind == "bpe":
+        return int(arg)
+    if _is_local(arg):
+        tok = _pretrained_tokenizer(arg)
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(arg, TOKENIZER_FILE, local_files_only=True)
+        except Exception:  # not in the local cache (huggingface_hub raises several types)
+            return None
+        tok = Tokenizer.from_file(path)
+    eos_id(tok)
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
 def _publish(build_dir: Path, final: Path) -> bool:
     """Atomically install a finished build; False if a concurrent builder got there first."""
     try:

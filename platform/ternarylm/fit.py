@@ -4,11 +4,16 @@ Forms:
     L(N)    = E + A * N^-alpha                    (one token budget)
     L(N, D) = E + A * N^-alpha + B * D^-beta      (token budgets vary)
 
+and the precision-aware joint form over several precision plans (Kumar et al. 2024, "Scaling
+Laws for Precision": a plan acts as if the model had N_eff = N * f_plan parameters):
+    L(N, [D,] plan) = E + A * (N * f_plan)^-alpha [+ B * D^-beta],   f_reference = 1
+
 The fit works on log-parameters e = log E, a = log A, b = log B: the predicted
 log-loss is logsumexp(a - alpha*log N, b - beta*log D, e), residuals are taken
 against log L, and a Huber loss (delta 1e-3) of the residuals is minimised with
 L-BFGS-B from a grid of starts, keeping the best. Intervals are 95% percentile
-bootstrap intervals over points resampled with replacement.
+bootstrap intervals over points resampled with replacement. In the joint form each plan but the
+reference adds g = log f, bounded to f in (0, 1], which shifts its points along log N.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -32,16 +38,25 @@ HUBER_DELTA = 1e-3
 _E_SHARES = (0.2, 0.5, 0.8, 0.95)  # E as a share of the lowest observed loss
 _TERM_SHARES = (0.02, 0.1, 0.3, 0.7)  # a power-law term as a share of the median loss
 _EXPONENTS = (0.05, 0.2, 0.4, 0.7, 1.2)
+_PLAN_LOG_STARTS = (0.0, -1.0, -3.0)  # log f shared by every non-reference plan: f 1, 0.37, 0.05
 # L-BFGS runs only from the best grid points: the L(N,D) grid has 1600 of them,
 # and the vectorised objective ranks them all in one call.
 _N_STARTS = 16
 _LOG_BOUNDS = (-50.0, 50.0)
 _EXPONENT_BOUNDS = (0.0, 5.0)  # a negative exponent would make loss grow with scale
+# log f: f in (0, 1], so the reference plan should be the most precise one (fp).
+_PLAN_LOG_BOUNDS = (-20.0, 0.0)
 _LBFGS_OPTIONS = {"maxiter": 1000, "ftol": 1e-13, "gtol": 1e-10}
 # Resamples the main fit would reject are redrawn; this caps the redraws.
 _MAX_DRAWS_PER_RESAMPLE = 50
 
 _GROUP_COLUMNS = ("scheme", "plan")
+
+
+def plan_label(scheme: str | None, plan: str) -> str:
+    """How results name a plan: `scheme/plan`, or the plan alone where no layer is ternary
+    (results mark the scheme `-` there, e.g. fp, int8, int4)."""
+    return plan if scheme in (None, "", "-") else f"{scheme}/{plan}"
 
 
 class FitError(UserError):
@@ -89,36 +104,64 @@ class _Problem:
     log_loss: np.ndarray
     x_ref: float
     y_ref: float
+    plan: np.ndarray | None = None  # index into `plans` per point (0: the reference), joint form
+    plans: tuple[str, ...] = ()
 
     @classmethod
-    def from_data(cls, N: np.ndarray, loss: np.ndarray, D: np.ndarray | None) -> _Problem:
+    def from_data(cls, N: np.ndarray, loss: np.ndarray, D: np.ndarray | None,
+                  plan: np.ndarray | None = None, plans: tuple[str, ...] = ()) -> _Problem:
         x = np.log(N)
         y = None if D is None else np.log(D)
         x_ref = float(x.mean())
         y_ref = 0.0 if y is None else float(y.mean())
-        return cls(x - x_ref, None if y is None else y - y_ref, np.log(loss), x_ref, y_ref)
+        return cls(x - x_ref, None if y is None else y - y_ref, np.log(loss), x_ref, y_ref,
+                   plan, plans)
 
     def subset(self, idx: np.ndarray) -> _Problem:
         y = None if self.y is None else self.y[idx]
-        return _Problem(self.x[idx], y, self.log_loss[idx], self.x_ref, self.y_ref)
+        plan = None if self.plan is None else self.plan[idx]
+        return _Problem(self.x[idx], y, self.log_loss[idx], self.x_ref, self.y_ref, plan,
+                        self.plans)
+
+    @property
+    def n_base(self) -> int:
+        """Parameters of the law without plans: 3 for L(N), 5 for L(N,D)."""
+        return 3 if self.y is None else 5
 
     @property
     def names(self) -> tuple[str, ...]:
-        return ("E", "A", "alpha") if self.y is None else ("E", "A", "alpha", "B", "beta")
+        base = ("E", "A", "alpha") if self.y is None else ("E", "A", "alpha", "B", "beta")
+        return base + tuple(f"f[{p}]" for p in self.plans[1:])
+
+
+def _plan_shift(theta: np.ndarray, prob: _Problem) -> np.ndarray | float:
+    """log f of each point's plan, (..., n); 0 without plans."""
+    if prob.plan is None:
+        return 0.0
+    g = theta[..., prob.n_base:]
+    g = np.concatenate([np.zeros(g.shape[:-1] + (1,)), g], axis=-1)  # the reference: f = 1
+    return np.take(g, prob.plan, axis=-1)
 
 
 def _log_terms(theta: np.ndarray, prob: _Problem) -> np.ndarray:
     """The logs of E, A*N^-alpha (and B*D^-beta); theta (..., p) -> (..., k, n)."""
     e, a, alpha = theta[..., 0:1], theta[..., 1:2], theta[..., 2:3]
-    terms = [np.broadcast_to(e, e.shape[:-1] + prob.x.shape), a - alpha * prob.x]
+    x = prob.x + _plan_shift(theta, prob)  # log N_eff, centred
+    terms = [np.broadcast_to(e, e.shape[:-1] + prob.x.shape), a - alpha * x]
     if prob.y is not None:
         b, beta = theta[..., 3:4], theta[..., 4:5]
         terms.append(b - beta * prob.y)
     return np.stack(terms, axis=-2)
 
 
+def _logsumexp(terms: np.ndarray, axis: int) -> np.ndarray:
+    """Stable log-sum-exp: scipy's costs ~60 us a call, most of a small fit's objective."""
+    m = terms.max(axis=axis, keepdims=True)
+    return (m + np.log(np.exp(terms - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
 def _grid_objective(thetas: np.ndarray, prob: _Problem) -> np.ndarray:
-    pred = special.logsumexp(_log_terms(thetas, prob), axis=-2)
+    pred = _logsumexp(_log_terms(thetas, prob), axis=-2)
     return special.huber(HUBER_DELTA, pred - prob.log_loss).sum(axis=-1)
 
 
@@ -127,20 +170,24 @@ def _objective(theta: np.ndarray, prob: _Problem) -> tuple[float, np.ndarray]:
     L-BFGS-B's ftol is relative to max(|f|, 1), so on the raw objective (~1e-5)
     it would stop short of the optimum."""
     terms = _log_terms(theta, prob)
-    pred = special.logsumexp(terms, axis=0)
+    pred = _logsumexp(terms, axis=0)
     r = pred - prob.log_loss
     # d pred / d term is the softmax weight of the term; Huber'(r) = clip(r).
     g = np.clip(r, -HUBER_DELTA, HUBER_DELTA) * np.exp(terms - pred)
-    grad = [g[0].sum(), g[1].sum(), -(g[1] * prob.x).sum()]
+    grad = [g[0].sum(), g[1].sum(), -(g[1] * (prob.x + _plan_shift(theta, prob))).sum()]
     if prob.y is not None:
         grad += [g[2].sum(), -(g[2] * prob.y).sum()]
+    if prob.plan is not None:  # d/d log f_j = -alpha * (the N-term weights of plan j's points)
+        per_plan = np.bincount(prob.plan, weights=g[1], minlength=len(prob.plans))
+        grad += list(-theta[2] * per_plan[1:])
     f = special.huber(HUBER_DELTA, r).sum()
     return f / HUBER_DELTA, np.array(grad) / HUBER_DELTA
 
 
 def _bounds(prob: _Problem) -> list[tuple[float, float]]:
     per_term = [_LOG_BOUNDS, _EXPONENT_BOUNDS]
-    return [_LOG_BOUNDS] + per_term * (1 if prob.y is None else 2)
+    plans = [_PLAN_LOG_BOUNDS] * max(0, len(prob.plans) - 1)
+    return [_LOG_BOUNDS] + per_term * (1 if prob.y is None else 2) + plans
 
 
 def _start_grid(prob: _Problem) -> np.ndarray:
@@ -150,8 +197,14 @@ def _start_grid(prob: _Problem) -> np.ndarray:
     axes = [np.log(loss_min * np.array(_E_SHARES)), term, np.array(_EXPONENTS)]
     if prob.y is not None:
         axes += [term, np.array(_EXPONENTS)]
+    n_shifts = max(0, len(prob.plans) - 1)
+    if n_shifts:
+        axes.append(np.array(_PLAN_LOG_STARTS))
     mesh = np.meshgrid(*axes, indexing="ij")
-    return np.stack([m.ravel() for m in mesh], axis=1)
+    grid = np.stack([m.ravel() for m in mesh], axis=1)
+    if n_shifts:  # one shared start value for every plan's log f
+        grid = np.concatenate([grid, np.repeat(grid[:, -1:], n_shifts - 1, axis=1)], axis=1)
+    return grid
 
 
 def _minimise(prob: _Problem, starts: Sequence[np.ndarray]) -> tuple[np.ndarray, float]:
@@ -175,62 +228,81 @@ def _natural_params(theta: np.ndarray, prob: _Problem) -> np.ndarray:
     out = [np.exp(theta[0]), np.exp(theta[1] + theta[2] * prob.x_ref), theta[2]]
     if prob.y is not None:
         out += [np.exp(theta[3] + theta[4] * prob.y_ref), theta[4]]
+    out += list(np.exp(theta[prob.n_base:]))
     return np.array(out)
 
 
-def _shortage(N: np.ndarray, D: np.ndarray | None) -> str | None:
+def _shortage(prob: _Problem) -> str | None:
     """Why these points cannot determine the fit, or None when they can."""
-    n_N = len(np.unique(N))
-    if D is None:
+    n_N = len(np.unique(prob.x))
+    if prob.y is None:
         if n_N < 4:
             return (
                 f"L(N) has 3 parameters and needs at least 4 distinct N values, got {n_N}; "
                 "add runs at more model sizes"
             )
+    else:
+        n_D = len(np.unique(prob.y))
+        if n_N < 3 or n_D < 3:
+            return (
+                "L(N,D) needs at least 3 distinct N and 3 distinct D values to separate the two "
+                f"power laws, got {n_N} N and {n_D} D; add runs at more model sizes and token "
+                "budgets"
+            )
+        n_pairs = len(np.unique(np.stack([prob.x, prob.y], axis=1), axis=0))
+        if n_pairs < 6:
+            return (
+                f"L(N,D) has 5 parameters and needs at least 6 distinct (N, D) points, got "
+                f"{n_pairs}; add runs"
+            )
+    if prob.plan is None:
         return None
-    n_D = len(np.unique(D))
-    if n_N < 3 or n_D < 3:
+    missing = [p for i, p in enumerate(prob.plans) if not np.any(prob.plan == i)]
+    if missing:
+        return f"plan(s) {', '.join(missing)} have no points; every plan needs runs"
+    n_points = len(np.unique(_point_rows(prob), axis=0))
+    n_params = len(prob.names)
+    if n_points <= n_params:
         return (
-            "L(N,D) needs at least 3 distinct N and 3 distinct D values to separate the two "
-            f"power laws, got {n_N} N and {n_D} D; add runs at more model sizes and token budgets"
-        )
-    n_pairs = len(np.unique(np.stack([N, D], axis=1), axis=0))
-    if n_pairs < 6:
-        return (
-            f"L(N,D) has 5 parameters and needs at least 6 distinct (N, D) points, got {n_pairs}; "
-            "add runs"
+            f"the joint law over {len(prob.plans)} plans has {n_params} parameters and needs at "
+            f"least {n_params + 1} distinct (plan, N, D) points, got {n_points}; add runs"
         )
     return None
 
 
-def _resamples_can_differ(N: np.ndarray, D: np.ndarray | None) -> bool:
+def _point_rows(prob: _Problem) -> np.ndarray:
+    """One row per point: what makes two points the same point (N, D and plan)."""
+    cols = [prob.x] + ([] if prob.y is None else [prob.y])
+    cols += [] if prob.plan is None else [prob.plan.astype(float)]
+    return np.stack(cols, axis=1)
+
+
+def _resamples_can_differ(prob: _Problem) -> bool:
     """Whether some resample with enough distinct points lacks one of the data's points. If
     none does, every usable resample refits the full data and the intervals have zero width."""
-    rows = N[:, None] if D is None else np.stack([N, D], axis=1)
+    rows = _point_rows(prob)
     for point in np.unique(rows, axis=0):
-        keep = ~np.all(rows == point, axis=1)
-        if _shortage(N[keep], None if D is None else D[keep]) is None:
+        keep = np.flatnonzero(~np.all(rows == point, axis=1))
+        if _shortage(prob.subset(keep)) is None:
             return True
     return False
 
 
-def _bootstrap(
-    N: np.ndarray, D: np.ndarray | None, prob: _Problem, theta0: np.ndarray, n_boot: int, seed: int
-) -> np.ndarray:
+def _bootstrap(prob: _Problem, theta0: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     """Natural parameters refitted on n_boot resamples, shape (n_boot, p).
 
     Each refit starts from the full-data optimum only: resamples stay close to
     the data, and a full start grid per resample would cost n_boot times more.
-    Resamples with too few distinct points are redrawn, since their refit would
-    not move from the start and would narrow the intervals spuriously."""
+    Resamples with too few distinct points (or missing a plan) are redrawn, since
+    their refit would not move from the start and would narrow the intervals
+    spuriously."""
     rng = np.random.default_rng(seed)
-    n = len(N)
+    n = len(prob.x)
     samples = []
     for _ in range(n_boot * _MAX_DRAWS_PER_RESAMPLE):
-        idx = rng.integers(0, n, size=n)
-        if _shortage(N[idx], None if D is None else D[idx]) is not None:
+        sub = prob.subset(rng.integers(0, n, size=n))
+        if _shortage(sub) is not None:
             continue
-        sub = prob.subset(idx)
         theta, _ = _minimise(sub, [theta0])
         samples.append(_natural_params(theta, sub))
         if len(samples) == n_boot:
@@ -261,6 +333,38 @@ def _inputs(
     return N_arr, loss_arr, D_arr
 
 
+@dataclass
+class _Solution:
+    theta: np.ndarray  # centred log-space optimum
+    objective: float
+    samples: np.ndarray | None  # natural parameters of the bootstrap refits, (n_boot, p)
+    ci_note: str | None
+
+    def ci(self, names: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+        if self.samples is None:
+            return {}
+        lo, hi = np.percentile(self.samples, [2.5, 97.5], axis=0)
+        return {name: (float(lo[i]), float(hi[i])) for i, name in enumerate(names)}
+
+
+def _solve(prob: _Problem, n_boot: int, seed: int) -> _Solution:
+    """Multi-start fit of a checked problem, then its bootstrap (n_boot=0: none)."""
+    if (msg := _shortage(prob)) is not None:
+        raise FitError(msg)
+    grid = _start_grid(prob)
+    starts = grid[np.argsort(_grid_objective(grid, prob), kind="stable")[:_N_STARTS]]
+    # L-BFGS-B calls BLAS on 3x3..5x5 problems thousands of times; OpenBLAS
+    # threads there slow the fit ~10x on a busy machine.
+    with threadpool_limits(limits=1, user_api="blas"):
+        theta, objective = _minimise(prob, list(starts))
+        if n_boot and not _resamples_can_differ(prob):
+            note = ("no intervals: the data hold only the minimum of distinct points, so "
+                    "every usable bootstrap resample repeats the full fit; add runs")
+            return _Solution(theta, objective, None, note)
+        samples = _bootstrap(prob, theta, n_boot, seed) if n_boot else None
+    return _Solution(theta, objective, samples, None)
+
+
 def fit_scaling_law(
     N: ArrayLike, loss: ArrayLike, D: ArrayLike | None = None, *, n_boot: int = 200, seed: int = 0
 ) -> ScalingFit:
@@ -274,29 +378,11 @@ def fit_scaling_law(
     N_arr, loss_arr, D_arr = _inputs(N, loss, D)
     if D_arr is not None and len(np.unique(D_arr)) == 1:
         D_arr = None
-    if (msg := _shortage(N_arr, D_arr)) is not None:
-        raise FitError(msg)
-
     prob = _Problem.from_data(N_arr, loss_arr, D_arr)
-    grid = _start_grid(prob)
-    starts = grid[np.argsort(_grid_objective(grid, prob), kind="stable")[:_N_STARTS]]
-    ci: dict[str, tuple[float, float]] = {}
-    # L-BFGS-B calls BLAS on 3x3..5x5 problems thousands of times; OpenBLAS
-    # threads there slow the fit ~10x on a busy machine.
-    with threadpool_limits(limits=1, user_api="blas"):
-        theta, objective = _minimise(prob, list(starts))
-        ci_note = None
-        if n_boot and not _resamples_can_differ(N_arr, D_arr):
-            ci_note = ("no intervals: the data hold only the minimum of distinct points, so "
-                       "every usable bootstrap resample repeats the full fit; add runs")
-        elif n_boot:
-            samples = _bootstrap(N_arr, D_arr, prob, theta, n_boot, seed)
-            lo, hi = np.percentile(samples, [2.5, 97.5], axis=0)
-            ci = {name: (float(lo[i]), float(hi[i])) for i, name in enumerate(prob.names)}
-
-    params = dict(zip(prob.names, (float(v) for v in _natural_params(theta, prob))))
+    sol = _solve(prob, n_boot, seed)
+    params = dict(zip(prob.names, (float(v) for v in _natural_params(sol.theta, prob))))
     form = "L(N)" if D_arr is None else "L(N,D)"
-    return ScalingFit(form, params, ci, len(N_arr), objective, ci_note)
+    return ScalingFit(form, params, sol.ci(prob.names), len(N_arr), sol.objective, sol.ci_note)
 
 
 def holdout_check(N: ArrayLike, loss: ArrayLike, D: ArrayLike | None = None, **kw) -> dict:
@@ -457,3 +543,205 @@ def compare_to_baseline(values_by_group: dict[str, list[float]], baseline: str) 
             "p_value": p_value,
         }
     return out
+
+
+# --- precision-aware joint law -------------------------------------------------------------
+
+_NOISE_DRAWS = 64  # observation-noise draws per bootstrap draw, for prediction intervals
+_LOSS_COLUMNS = ("loss", "val_bpb")  # the first present is fitted
+
+
+@dataclass
+class BytesRelation:
+    """Deployable bytes of one plan as a power law of N, fitted by least squares on logs:
+    log bytes = intercept + slope * log N.
+
+    Why a power law and not bytes = a * N + b: packed bytes are blocks (~ N at the plan's bits)
+    plus the embedding and head (~ vocab * width, which grows like sqrt(N) at fixed depth), so
+    neither form is exact; the power law is positive and monotone everywhere, inverts in closed
+    form, and its error on the measured points is reported (`max_rel_error`) so a poor fit shows.
+    """
+
+    slope: float
+    intercept: float
+    max_rel_error: float  # largest |fitted / measured - 1| over the plan's points
+    bytes_range: tuple[float, float]  # measured bytes, to flag extrapolation
+
+    @classmethod
+    def fit(cls, N: np.ndarray, nbytes: np.ndarray) -> BytesRelation:
+        slope, intercept = np.polyfit(np.log(N), np.log(nbytes), 1)
+        fitted = np.exp(intercept + slope * np.log(N))
+        return cls(float(slope), float(intercept), float(np.max(np.abs(fitted / nbytes - 1))),
+                   (float(nbytes.min()), float(nbytes.max())))
+
+    def n_at(self, budget: float) -> float:
+        """Parameters N this plan fits in `budget` bytes."""
+        return float(np.exp((np.log(budget) - self.intercept) / self.slope))
+
+    def to_json(self) -> dict:
+        return {"slope": self.slope, "intercept": self.intercept,
+                "max_rel_error": self.max_rel_error, "bytes_range": list(self.bytes_range)}
+
+
+@dataclass
+class PrecisionLaw:
+    """L(N, [D,] plan) = E + A (N f_plan)^-alpha [+ B D^-beta], f_reference = 1."""
+
+    form: str  # "L(N,plan)" or "L(N,D,plan)"
+    reference: str
+    plans: tuple[str, ...]  # the reference first
+    params: dict[str, float]  # E, A, alpha[, B, beta], f[plan] for every other plan
+    ci: dict[str, tuple[float, float]]  # 95% bootstrap intervals; empty when n_boot=0
+    n_points: int
+    objective: float
+    residual_sd: float  # sd of the log-loss residuals with `dof` degrees of freedom
+    dof: int  # points - parameters
+    samples: np.ndarray | None  # bootstrap draws of the parameters, columns in `params` order
+    bytes: dict[str, BytesRelation]  # per plan with >= 2 distinct N and packed bytes
+    ci_note: str | None = None
+
+    def _loss(self, draws: np.ndarray, N: float, plan: str, D: float | None) -> np.ndarray:
+        """Predicted loss for each row of parameter draws (m, p) -> (m,)."""
+        if plan not in self.plans:
+            raise FitError(f"plan {plan!r} was not fitted; plans: {', '.join(self.plans)}")
+        names = list(self.params)
+        f = 1.0 if plan == self.reference else draws[:, names.index(f"f[{plan}]")]
+        loss = draws[:, 0] + draws[:, 1] * (N * f) ** -draws[:, 2]
+        if self.form == "L(N,D,plan)":
+            if D is None:
+                raise FitError("this law has a token-budget term: give D (training tokens)")
+            loss = loss + draws[:, 3] * D ** -draws[:, 4]
+        return loss
+
+    def predict(self, N: float, plan: str, D: float | None = None) -> float:
+        """Predicted loss of `plan` at N parameters (and D tokens for the L(N,D,plan) form)."""
+        return float(self._loss(np.array([list(self.params.values())]), N, plan, D)[0])
+
+    def at_budget(self, budget: float, D: float | None = None, seed: int = 0) -> dict:
+        """Each plan at `budget` deployable bytes: N from its bytes relation, predicted loss with
+        a 95% confidence interval of the mean (bootstrap draws of the parameters) and a 95%
+        prediction interval of one more trained model (those draws times multiplicative noise
+        exp(residual_sd * t_dof)); and p_beats[X][Y], the share of bootstrap draws in which X's
+        predicted mean loss is below Y's (near 0.5: the data cannot tell them apart)."""
+        if not budget > 0:
+            raise FitError(f"a byte budget must be positive, got {budget}")
+        rng = np.random.default_rng(seed)
+        out: dict[str, Any] = {"budget_bytes": float(budget), "plans": {}}
+        draws: dict[str, np.ndarray] = {}
+        for plan in self.plans:
+            rel = self.bytes.get(plan)
+            if rel is None:
+                out["plans"][plan] = {"skipped": "no bytes relation: needs packed_bytes growing "
+                                                 "with N over 2 or more distinct N"}
+                continue
+            N = rel.n_at(budget)
+            lo, hi = rel.bytes_range
+            entry = {"N": N, "extrapolated": not lo <= budget <= hi,
+                     "loss": self.predict(N, plan, D)}
+            if self.samples is not None:
+                draws[plan] = mean = self._loss(self.samples, N, plan, D)
+                noise = np.exp(self.residual_sd * rng.standard_t(self.dof, (len(mean),
+                                                                            _NOISE_DRAWS)))
+                entry["ci"] = [float(v) for v in np.percentile(mean, [2.5, 97.5])]
+                entry["pi"] = [float(v) for v in np.percentile(mean[:, None] * noise,
+                                                               [2.5, 97.5])]
+            out["plans"][plan] = entry
+        if draws:
+            out["p_beats"] = {x: {y: float(np.mean(draws[x] < draws[y])) for y in draws if y != x}
+                              for x in draws}
+        fitted = {p: e["loss"] for p, e in out["plans"].items() if "loss" in e}
+        out["best"] = min(fitted, key=fitted.get) if fitted else None
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "form": self.form, "reference": self.reference, "plans": list(self.plans),
+            **{k: float(v) for k, v in self.params.items()},
+            "ci": {k: [float(lo), float(hi)] for k, (lo, hi) in self.ci.items()},
+            "n_points": self.n_points, "objective": self.objective,
+            "residual_sd": self.residual_sd, "dof": self.dof,
+            "bytes": {p: r.to_json() for p, r in self.bytes.items()},
+            **({"ci_note": self.ci_note} if self.ci_note else {}),
+        }
+
+
+def fit_precision_law(
+    N: ArrayLike, loss: ArrayLike, plan: Sequence[str], D: ArrayLike | None = None, *,
+    packed_bytes: ArrayLike | None = None, reference: str = "fp", n_boot: int = 200,
+    seed: int = 0,
+) -> PrecisionLaw:
+    """Fit the joint law across plans to final losses (a D that takes one value is ignored).
+
+    `reference` (f = 1) should be the most precise plan, since every f is bounded to (0, 1].
+    With `packed_bytes`, each plan also gets a BytesRelation for predictions at a byte budget.
+    """
+    if n_boot < 0:
+        raise FitError(f"n_boot must be >= 0, got {n_boot}")
+    N_arr, loss_arr, D_arr = _inputs(N, loss, D)
+    labels = [str(p) for p in plan]
+    if len(labels) != len(N_arr):
+        raise FitError(f"plan must have one label per point, got {len(labels)} for "
+                       f"{len(N_arr)} points")
+    if reference not in labels:
+        raise FitError(f"reference plan {reference!r} has no points (plans: "
+                       f"{', '.join(sorted(set(labels)))}); pass the most precise plan as "
+                       "the reference")
+    if D_arr is not None and len(np.unique(D_arr)) == 1:
+        D_arr = None
+    plans = (reference, *sorted(set(labels) - {reference}))
+    index = np.array([plans.index(p) for p in labels])
+    prob = _Problem.from_data(N_arr, loss_arr, D_arr, index, plans)
+    sol = _solve(prob, n_boot, seed)
+    natural = _natural_params(sol.theta, prob)
+    residuals = _logsumexp(_log_terms(sol.theta, prob), axis=0) - prob.log_loss
+    dof = len(N_arr) - len(natural)
+    relations = {}
+    if packed_bytes is not None:
+        nbytes = _as_array(packed_bytes, "packed_bytes")
+        for i, p in enumerate(plans):
+            mine = index == i
+            if len(np.unique(N_arr[mine])) < 2:
+                continue
+            rel = BytesRelation.fit(N_arr[mine], nbytes[mine])
+            if rel.slope > 0:  # bytes that do not grow with N cannot be inverted
+                relations[p] = rel
+    return PrecisionLaw(
+        form="L(N,plan)" if D_arr is None else "L(N,D,plan)", reference=reference, plans=plans,
+        params=dict(zip(prob.names, (float(v) for v in natural))), ci=sol.ci(prob.names),
+        n_points=len(N_arr), objective=sol.objective,
+        residual_sd=float(np.sqrt(np.sum(residuals**2) / dof)), dof=dof,
+        samples=sol.samples, bytes=relations, ci_note=sol.ci_note,
+    )
+
+
+def fit_precision_csv(path: str | Path, **kw) -> PrecisionLaw:
+    """The joint law on a results CSV: columns plan, N, loss (else val_bpb), and optionally D,
+    packed_bytes, scheme (plans are then named scheme/plan where layers are ternary) and status
+    (only FINISHED rows are used). `kw` goes to fit_precision_law."""
+    path = Path(path)
+    header, rows = _read_rows(path)
+    metric = next((c for c in _LOSS_COLUMNS if c in header), None)
+    for name, present in (("plan", "plan" in header), ("N", "N" in header),
+                          ("loss or val_bpb", metric is not None)):
+        if not present:
+            raise FitError(f"{path}: missing column '{name}' (found {', '.join(header)}); the "
+                           "joint fit needs plan, N, loss or val_bpb, and packed_bytes for "
+                           "byte budgets")
+
+    def cell(row: list[str], name: str) -> str:
+        col = header.index(name)
+        return row[col].strip() if col < len(row) else ""
+
+    if "status" in header:
+        rows = [(line, row) for line, row in rows if cell(row, "status") == "FINISHED"]
+    if not rows:
+        raise FitError(f"{path}: no finished data rows; add one row per run")
+    scheme = "scheme" in header
+    plans = [plan_label(cell(r, "scheme") if scheme else None, cell(r, "plan")) for _, r in rows]
+    N, loss = _column(path, header, rows, "N"), _column(path, header, rows, metric)
+    D = _column(path, header, rows, "D") if "D" in header else None
+    nbytes = _column(path, header, rows, "packed_bytes") if "packed_bytes" in header else None
+    try:
+        return fit_precision_law(N, loss, plans, D, packed_bytes=nbytes, **kw)
+    except FitError as e:
+        raise FitError(f"{path}: {e}") from e

@@ -36,10 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ternarylm import metrics as M
 from ternarylm.data import DataError, hub_offline
 from ternarylm.errors import UserError
+from ternarylm.optim import linear_warmup_decay, param_groups
 from ternarylm.quantizers import FP, QuantEmbedding, QuantLinear
-from ternarylm.train import param_groups
 
 HUB_DATASET = "nyu-mll/glue"
 GLUE_DIR_ENV = "TERNARYLM_GLUE_DIR"
@@ -517,13 +518,8 @@ def finetune(trained, task: str | GlueTask, settings: GlueSettings, train: GlueD
         steps_per_epoch = math.ceil(len(train) / settings.batch_size)
         total = steps_per_epoch * settings.epochs
         warmup = int(settings.warmup_fraction * total)
-
-        def lr_factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: linear_warmup_decay(step, warmup, total))
         labels = torch.tensor(train.labels, dtype=torch.long)
         g = torch.Generator().manual_seed(settings.seed)
         history: list[tuple[int, float]] = []
@@ -625,9 +621,10 @@ def finetune_and_log(source_run_id: str, task: str, settings: GlueSettings | Non
     try:
         result = finetune(trained, spec, settings, train, dev)
         now = int(time.time() * 1000)
-        metrics = [Metric("train/loss", loss, now, step) for step, loss in result.train_loss]
-        summary = {**{f"dev/{k}": v for k, v in result.metrics.items()},
-                   **{f"baseline/{k}": v for k, v in result.baseline.items()},
+        metrics = [Metric(M.GLUE_TRAIN_LOSS, loss, now, step)
+                   for step, loss in result.train_loss]
+        summary = {**{M.glue_dev(k): v for k, v in result.metrics.items()},
+                   **{M.glue_baseline(k): v for k, v in result.baseline.items()},
                    **{f"delta/{k}": result.metrics[k] - result.baseline[k] for k in result.metrics},
                    "n_train": result.n_train, "n_dev": result.n_dev, "steps": result.steps,
                    "majority_label": result.majority_label, "quant_linears": result.quant_linears,

@@ -1,7 +1,12 @@
 """The decoder-only transformer every study trains, and its size ladder.
 
-Pre-norm blocks of RMSNorm -> causal self-attention with RoPE -> RMSNorm -> SwiGLU MLP, no
-biases. Precision is not this module's business: `plans.apply_plan` swaps its linears after
+Pre-norm blocks of RMSNorm -> causal self-attention with RoPE -> RMSNorm -> gated MLP, no
+biases. `ModelConfig.block` picks the block variant (`BLOCKS`):
+  llama   SwiGLU MLP (Llama; the paper's architecture)
+  bitnet  BitNet b1.58 2B4T (arXiv 2504.12285; transformers' models/bitnet): a sub-layer RMSNorm
+          before the attention output projection and before the MLP down projection
+          (`attn_sub_norm`, `ffn_sub_norm` there) and a squared-ReLU gated MLP, relu(gate)^2 * up
+Precision is not this module's business: `plans.apply_plan` swaps its linears after
 construction. Shapes: B batch, T time, C width, H heads, D = C // H head size, V vocabulary.
 """
 
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +26,27 @@ from ternarylm.errors import UserError
 
 class ModelConfigError(UserError):
     """A model configuration that cannot be built; the message says what to change."""
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """ReLU^2 (So et al. 2021, Primer), BitNet b1.58 2B4T's MLP activation ("relu2")."""
+    return F.relu(x).square()
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What sets a block variant apart."""
+
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    """Gate activation of the gated MLP: down(activation(gate(x)) * up(x))."""
+    sub_norms: bool
+    """An RMSNorm on the attention output before `o` and on the MLP hidden state before `down`."""
+
+
+BLOCKS: dict[str, BlockSpec] = {
+    "llama": BlockSpec(F.silu, sub_norms=False),
+    "bitnet": BlockSpec(relu_squared, sub_norms=True),
+}
 
 
 @dataclass
@@ -42,6 +69,8 @@ class ModelConfig:
     """Dropout on attention weights and residual branches."""
     rope_base: float = 10000.0
     """RoPE frequency base."""
+    block: str = "llama"
+    """Block variant: `llama` (SwiGLU) or `bitnet` (BitNet b1.58's sub-norms and ReLU^2 GLU)."""
 
     def __post_init__(self) -> None:
         for name in ("width", "n_layers", "n_heads", "vocab_size", "seq_len"):
@@ -59,10 +88,20 @@ class ModelConfig:
             raise ModelConfigError(f"model: dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_ratio <= 0:
             raise ModelConfigError(f"model: mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.block not in BLOCKS:
+            raise ModelConfigError(f"model: unknown block {self.block!r}; choose one of "
+                                   f"{', '.join(BLOCKS)}")
 
     @property
     def mlp_hidden(self) -> int:
         return int(self.mlp_ratio * self.width)
+
+    def linear_names(self) -> list[str]:
+        """Qualified names of the model's nn.Linear modules, without building it (a precision
+        plan is resolved against them when a config is validated)."""
+        return [f"blocks.{i}.{part}" for i in range(self.n_layers)
+                for part in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up",
+                             "mlp.down")] + ["head"]
 
     def param_counts(self) -> dict[str, int]:
         """Exact parameter counts, without building the model."""
@@ -70,7 +109,8 @@ class ModelConfig:
         block_linear = 4 * c * c + 3 * c * h
         embedding = self.vocab_size * c
         head = 0 if self.tie_head else self.vocab_size * c
-        norms = self.n_layers * 2 * c + c
+        sub_norms = c + h if BLOCKS[self.block].sub_norms else 0
+        norms = self.n_layers * (2 * c + sub_norms) + c
         return {
             "params_total": embedding + head + self.n_layers * block_linear + norms,
             "params_embedding": embedding,
@@ -92,19 +132,30 @@ class ModelConfig:
         return 6 * matmul_params + 12 * self.n_layers * t * self.width
 
 
+# Spectra's shapes (Kaushal et al., arXiv 2407.12327; the SpectraSuite README's table: hidden,
+# GLU, heads, layers) for the sizes a laptop can train (their MP degree is 1: one TriLM shard).
+# Their parameter names count a 50k vocabulary; ours depend on the tokenizer.
+_SPECTRA_MLP = {512: 1280 / 512, 768: 2048 / 768, 1024: 2560 / 1024, 1280: 3072 / 1280}
+
 SIZES: dict[str, ModelConfig] = {
-    name: ModelConfig(width=w, n_layers=l, n_heads=h) for name, (w, l, h) in {
-        "pico": (32, 4, 4),           # 0.05M non-embedding block params
-        "nano": (48, 4, 4),           # 0.11M
-        "tiny": (64, 4, 4),           # 0.2M
-        "micro": (128, 4, 4),         # 0.8M
-        "mini": (192, 4, 4),          # 1.8M
-        "small": (384, 6, 6),         # 10.6M
-        "medium": (512, 8, 8),        # 25M
-        "paper-132m": (768, 12, 12),  # 85M block params, 131.9M total with V = 30,522
-        "large": (1024, 24, 16),      # 302M
-        "xl": (1536, 24, 16),         # 680M
-        "xxl": (2048, 24, 32),        # 1.21B
+    name: ModelConfig(width=w, n_layers=l, n_heads=h, mlp_ratio=ratio)
+    for name, (w, l, h, ratio) in {
+        "pico": (32, 4, 4, 2.67),             # 0.05M non-embedding block params
+        "nano": (48, 4, 4, 2.67),             # 0.11M
+        "tiny": (64, 4, 4, 2.67),             # 0.2M
+        "deep-nano": (64, 12, 4, 2.67),       # 0.59M: tiny's width at the paper's 12 blocks
+        "micro": (128, 4, 4, 2.67),           # 0.8M
+        "mini": (192, 4, 4, 2.67),            # 1.8M
+        "small": (384, 6, 6, 2.67),           # 10.6M
+        "medium": (512, 8, 8, 2.67),          # 25M
+        "spectra-99m": (512, 16, 8, _SPECTRA_MLP[512]),     # 48M
+        "paper-132m": (768, 12, 12, 2.67),    # 85M block params, 131.9M total with V = 30,522
+        "spectra-190m": (768, 16, 12, _SPECTRA_MLP[768]),   # 113M
+        "spectra-390m": (1024, 24, 16, _SPECTRA_MLP[1024]),  # 290M
+        "large": (1024, 24, 16, 2.67),        # 302M
+        "spectra-560m": (1280, 24, 20, _SPECTRA_MLP[1280]),  # 440M
+        "xl": (1536, 24, 16, 2.67),           # 680M
+        "xxl": (2048, 24, 32, 2.67),          # 1.21B
     }.items()
 }
 
@@ -148,6 +199,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.width, cfg.width, bias=False)
         self.v = nn.Linear(cfg.width, cfg.width, bias=False)
         self.o = nn.Linear(cfg.width, cfg.width, bias=False)
+        self.sub_norm = RMSNorm(cfg.width) if BLOCKS[cfg.block].sub_norms else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -156,25 +208,32 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.o(y.transpose(1, 2).reshape(B, T, C))
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.o(y if self.sub_norm is None else self.sub_norm(y))
 
 
-class SwiGLU(nn.Module):
+class GatedMLP(nn.Module):
+    """down(activation(gate(x)) * up(x)): SwiGLU (llama) or ReLU^2 GLU with a sub-norm (bitnet)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        spec = BLOCKS[cfg.block]
+        self.activation = spec.activation
         self.gate = nn.Linear(cfg.width, cfg.mlp_hidden, bias=False)
         self.up = nn.Linear(cfg.width, cfg.mlp_hidden, bias=False)
         self.down = nn.Linear(cfg.mlp_hidden, cfg.width, bias=False)
+        self.sub_norm = RMSNorm(cfg.mlp_hidden) if spec.sub_norms else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        h = self.activation(self.gate(x)) * self.up(x)
+        return self.down(h if self.sub_norm is None else self.sub_norm(h))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.attn_norm, self.attn = RMSNorm(cfg.width), Attention(cfg)
-        self.mlp_norm, self.mlp = RMSNorm(cfg.width), SwiGLU(cfg)
+        self.mlp_norm, self.mlp = RMSNorm(cfg.width), GatedMLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

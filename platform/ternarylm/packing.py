@@ -2,8 +2,9 @@
 
 `pack` turns a finished trial (MLflow run id or trained-model directory) into one safetensors
 file: every quantized layer as its integer codes packed at the layer's width plus the scales of
-training, bit for bit; layers that training kept in floating point (the embedding and head
-under the usual plans) in `embedding_dtype`; the norms in fp32. The metadata hold a JSON config
+training, bit for bit; the embedding and head, where training kept them in floating point, in
+`embedding_dtype`; block linears a plan kept in floating point at fp16 (the model whose
+quality was measured, not a quantized one); the norms in fp32. The metadata hold a JSON config
 (model, plan, layer table, tokenizer) and a SHA-256 over config and tensors, so that a
 truncated or modified file is refused instead of loaded.
 
@@ -53,13 +54,14 @@ from tokenizers import Tokenizer
 
 from ternarylm import cpu_kernels
 from ternarylm.errors import UserError
-from ternarylm.model import ModelConfig, RMSNorm, TernaryLM, apply_rope, rope_tables
+from ternarylm.model import BLOCKS, ModelConfig, RMSNorm, TernaryLM, apply_rope, rope_tables
 from ternarylm.quantizers import (FP, Int8, QuantEmbedding, QuantizedWeight, QuantLinear,
                                   activation_codes, quantize_activations)
 
 FORMAT_VERSION = 1
 CONFIG_KEY, SHA256_KEY = "ternarylm.config", "ternarylm.sha256"
 EMBEDDING_DTYPES = ("int8", "fp16", "fp32")
+VOCAB_LAYERS = ("embed", "head")  # the vocabulary matrices, stored at `embedding_dtype`
 PACKED_ARTIFACT_PATH = "packed"  # where `pack` logs the file in the trial's MLflow run
 # packing -> (base, digits per byte)
 PACKINGS: dict[str, tuple[int, int]] = {"2bit": (4, 4), "trit": (3, 5), "4bit": (16, 2),
@@ -81,10 +83,11 @@ def pack_codes(codes: torch.Tensor, packing: str) -> torch.Tensor:
     """Integer codes (any shape) -> uint8 [ceil(numel / per_byte)]."""
     base, per_byte = PACKINGS[packing]
     digits = codes.flatten().to(torch.int16) + (base - 1) // 2
-    if digits.numel() and (digits.min() < 0 or digits.max() >= base):
+    # Meta tensors (sizing a model without its weights, `packed_size`) have no values to check.
+    if digits.numel() and not digits.is_meta and (digits.min() < 0 or digits.max() >= base):
         raise PackError(f"codes in [{int(codes.min())}, {int(codes.max())}] do not fit {packing}")
     digits = F.pad(digits, (0, -digits.numel() % per_byte))
-    powers = base ** torch.arange(per_byte, dtype=torch.int16)
+    powers = base ** torch.arange(per_byte, dtype=torch.int16, device=digits.device)
     return (digits.view(-1, per_byte) * powers).sum(1).to(torch.uint8)
 
 
@@ -116,20 +119,30 @@ class PackResult:
     logged_to_run: str | None = None
 
 
-def _layer(module: nn.Module, embedding_dtype: str, trits: bool) -> tuple[dict, dict]:
-    """(table entry, tensors without the layer-name prefix) of one linear or embedding."""
+def _float_dtype(name: str, embedding_dtype: str) -> str:
+    """Storage of a layer training kept in floating point: the embedding and head follow
+    `embedding_dtype`; a block linear the plan kept in fp stays a float (fp16, or fp32 in the
+    exact mode), so that the packed model is the model whose quality was measured."""
+    if name in VOCAB_LAYERS or embedding_dtype == "fp32":
+        return embedding_dtype
+    return "fp16"
+
+
+def _layer(module: nn.Module, dtype: str, trits: bool) -> tuple[dict, dict]:
+    """(table entry, tensors without the layer-name prefix) of one linear or embedding;
+    `dtype` is the storage of a floating-point layer (`_float_dtype`)."""
     kind = "embedding" if isinstance(module, nn.Embedding) else "linear"
     shape = list(module.weight.shape)
     if isinstance(module, (QuantLinear, QuantEmbedding)):
         fmt, q = module.format, module.weight_quantizer.quantize(module.weight)
         activation_bits = getattr(module, "activation_bits", None)
-    elif embedding_dtype == "int8":
+    elif dtype == "int8":
         fmt, q = FP, Int8().quantize(module.weight)
         activation_bits = INT8_FP_ACTIVATION_BITS
     else:
-        entry = {"kind": kind, "format": FP, "packing": embedding_dtype, "shape": shape,
+        entry = {"kind": kind, "format": FP, "packing": dtype, "shape": shape,
                  "activation_bits": None}
-        return entry, {"weight": module.weight.detach().to(FLOAT_DTYPES[embedding_dtype])}
+        return entry, {"weight": module.weight.detach().to(FLOAT_DTYPES[dtype])}
     packing = _packing(q.bits, trits)
     entry = {"kind": kind, "format": fmt, "packing": packing, "shape": shape, "bits": q.bits,
              "activation_bits": activation_bits if kind == "linear" else None}
@@ -151,7 +164,7 @@ def pack_tensors(model: TernaryLM, embedding_dtype: str = "int8",
                      "shape": list(module.weight.shape), "activation_bits": None}
             parts = {"weight": module.weight.detach().float()}
         elif isinstance(module, (nn.Linear, nn.Embedding)):
-            entry, parts = _layer(module, embedding_dtype, trits)
+            entry, parts = _layer(module, _float_dtype(name, embedding_dtype), trits)
         else:
             continue
         table[name] = entry
@@ -169,22 +182,64 @@ def _digest(config_json: str, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def provenance(trial) -> dict[str, Any]:
+    """What a packed file records of the trial it came from: the same wherever it is packed
+    (worker, `ternarylm pack RUN`, `ternarylm pack DIR`), so the files are byte-identical."""
+    return {"trial_key": trial.key(), "scheme": trial.scheme,
+            "plan": dataclasses.asdict(trial.plan), "trial": trial.to_dict()}
+
+
+def packed_contents(model: TernaryLM, tokenizer_json: str, eos_id: int, *,
+                    embedding_dtype: str = "int8", trits: bool = False,
+                    provenance: dict[str, Any] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and safetensors metadata of the packed file, exactly as `pack_model` writes them.
+
+    A model on the meta device gives meta tensors of the right shapes and a placeholder
+    checksum of the right length: enough to size the file (`packed_size`).
+    """
+    table, tensors = pack_tensors(model, embedding_dtype, trits)
+    config = {"version": FORMAT_VERSION, "model": dataclasses.asdict(model.cfg),
+              "embedding_dtype": embedding_dtype, "layers": table, "eos_id": eos_id,
+              "tokenizer": tokenizer_json, "provenance": provenance or {}}
+    config_json = json.dumps(config, default=str)
+    meta = any(t.is_meta for t in tensors.values())
+    digest = "0" * 64 if meta else _digest(config_json, tensors)
+    return tensors, {CONFIG_KEY: config_json, SHA256_KEY: digest}
+
+
+def packed_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """Bytes of the safetensors file these contents make, by serialising them (meta tensors
+    stand in as uninitialised ones of the same shape and dtype)."""
+    from safetensors.torch import save
+
+    real = {k: torch.empty(t.shape, dtype=t.dtype) if t.is_meta else t
+            for k, t in tensors.items()}
+    return len(save(real, metadata=metadata))
+
+
 def pack_model(model: TernaryLM, path: str | Path, tokenizer: Tokenizer, eos_id: int, *,
                embedding_dtype: str = "int8", trits: bool = False,
                provenance: dict[str, Any] | None = None) -> PackResult:
     """Write the packed file of a (plan-applied) model; returns its path, size and checksum."""
     from safetensors.torch import save_file
 
-    table, tensors = pack_tensors(model, embedding_dtype, trits)
-    config = {"version": FORMAT_VERSION, "model": dataclasses.asdict(model.cfg),
-              "embedding_dtype": embedding_dtype, "layers": table, "eos_id": eos_id,
-              "tokenizer": tokenizer.to_str(), "provenance": provenance or {}}
-    config_json = json.dumps(config)
-    digest = _digest(config_json, tensors)
+    tensors, metadata = packed_contents(model, tokenizer.to_str(), eos_id,
+                                        embedding_dtype=embedding_dtype, trits=trits,
+                                        provenance=provenance)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path, metadata={CONFIG_KEY: config_json, SHA256_KEY: digest})
-    return PackResult(path, path.stat().st_size, digest)
+    save_file(tensors, path, metadata=metadata)
+    return PackResult(path, path.stat().st_size, metadata[SHA256_KEY])
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct tensor storage a loaded model holds (parameters and buffers)."""
+    storages = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def pack(source: str, out: str | Path | None = None, *, embedding_dtype: str = "int8",
@@ -197,10 +252,9 @@ def pack(source: str, out: str | Path | None = None, *, embedding_dtype: str = "
 
     trained = load_trained(source)
     out = Path(out or f"{Path(source).name}.packed.safetensors")
-    provenance = {"source": str(source), "scheme": trained.trial.scheme,
-                  "plan": dataclasses.asdict(trained.trial.plan), "trial": trained.trial.to_dict()}
     result = pack_model(trained.model, out, trained.tokenizer, trained.eos_id,
-                        embedding_dtype=embedding_dtype, trits=trits, provenance=provenance)
+                        embedding_dtype=embedding_dtype, trits=trits,
+                        provenance=provenance(trained.trial))
     if not Path(source).is_dir():  # load_trained accepted it, so it is a run id
         from ternarylm import tracking  # imports mlflow: only when there is a run to log to
 
@@ -421,6 +475,10 @@ class PackedBlock(nn.Module):
         self.o = layers[f"{prefix}.attn.o"]
         self.gate_up = fuse([layers[f"{prefix}.mlp.{p}"] for p in ("gate", "up")])
         self.down = layers[f"{prefix}.mlp.down"]
+        # BitNet blocks (model.BLOCKS): sub-norms before o and down, their gate activation.
+        self.activation = BLOCKS[cfg.block].activation
+        self.attn_sub_norm = layers.get(f"{prefix}.attn.sub_norm")
+        self.mlp_sub_norm = layers.get(f"{prefix}.mlp.sub_norm")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> torch.Tensor:
@@ -431,10 +489,11 @@ class PackedBlock(nn.Module):
         if kv is not None:
             kv[0][:, :, start:start + T], kv[1][:, :, start:start + T] = k, v
             k, v = kv[0][:, :, :start + T], kv[1][:, :, :start + T]
-        y = _attend(q, k, v, start)
-        x = x + self.o(y.transpose(1, 2).reshape(B, T, C))
+        y = _attend(q, k, v, start).transpose(1, 2).reshape(B, T, C)
+        x = x + self.o(y if self.attn_sub_norm is None else self.attn_sub_norm(y))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        h = self.activation(gate) * up
+        return x + self.down(h if self.mlp_sub_norm is None else self.mlp_sub_norm(h))
 
 
 class PackedLM(nn.Module):

@@ -8,7 +8,9 @@ later rules overriding earlier ones, for each linear inside a transformer block
     default -> attention / mlp -> first_k / last_k -> blocks -> overrides (glob on the name)
 
 The format "ternary" stands for the trial's ternary scheme, so one plan serves every scheme of a
-study. The output head is set by `head` and the token embedding by `embedding`.
+study. The output head is set by `head` and the token embedding by `embedding`. A plan can also
+live in a YAML file of these fields (`{file: plan.yaml}` in a study), as `ternarylm allocate`
+writes one.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
+import yaml
 
 from ternarylm.errors import UserError
 from ternarylm.quantizers import (
@@ -157,13 +161,20 @@ class PrecisionPlan:
 
     @classmethod
     def from_config(cls, value: str | dict[str, Any] | "PrecisionPlan") -> "PrecisionPlan":
-        """A preset name, a dict of fields (optionally with `preset:` to start from), or a plan."""
+        """A preset name, a dict of fields (optionally with `preset:` to start from), a plan
+        file (`{file: path.yaml}` or a string ending in .yaml/.yml, e.g. written by
+        `ternarylm allocate`; relative paths are relative to the working directory), or a plan."""
         if isinstance(value, PrecisionPlan):
             return value
         if isinstance(value, str):
-            return preset(value)
+            return load_plan_file(value) if value.endswith(_PLAN_FILE_SUFFIXES) else preset(value)
         if not isinstance(value, dict):
             raise PlanError(f"precision plan must be a preset name or a mapping, got {value!r}")
+        if "file" in value:
+            if len(value) != 1:
+                raise PlanError(f"precision plan: `file` must stand alone (put other fields in "
+                                f"the file), got fields {', '.join(sorted(value))}")
+            return load_plan_file(value["file"])
         fields = dict(value)
         base = preset(fields.pop("preset")) if "preset" in fields else cls()
         known = {f.name for f in dataclasses.fields(cls)}
@@ -174,10 +185,40 @@ class PrecisionPlan:
         return dataclasses.replace(base, **fields)
 
 
+_PLAN_FILE_SUFFIXES = (".yaml", ".yml")
+
+
+def load_plan_file(path: str | Path) -> PrecisionPlan:
+    """A plan from a YAML file holding one mapping of plan fields (`preset:` allowed)."""
+    path = Path(path).expanduser()
+    try:
+        fields = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise PlanError(f"precision plan file {path}: cannot read it ({e.strerror}); check the "
+                        f"path (relative paths are taken from the working directory)") from None
+    except yaml.YAMLError as e:
+        raise PlanError(f"precision plan file {path} is not valid YAML "
+                        f"({str(e).splitlines()[0]})") from None
+    if not isinstance(fields, dict) or "file" in fields:
+        raise PlanError(f"precision plan file {path} must hold one mapping of plan fields "
+                        f"(no nested `file:`)")
+    try:
+        return PrecisionPlan.from_config(fields)
+    except PlanError as e:
+        raise PlanError(f"precision plan file {path}: {e}") from None
+
+
 PRESETS: dict[str, PrecisionPlan] = {
     p.name: p for p in (
         PrecisionPlan(name="fp", default=FP, activation_bits=None),
+        PrecisionPlan(name="int8", default="int8"),
+        PrecisionPlan(name="int4", default="int4"),
         PrecisionPlan(name="all_ternary"),
+        # The embedding and head dominate the bytes of small models: the same ternary blocks with
+        # both vocabulary matrices trained at int8 or int4 (all_ternary trains them in floating
+        # point; `ternarylm pack` then stores them at its --embedding-dtype).
+        PrecisionPlan(name="all_ternary_int8_vocab", embedding="int8", head="int8"),
+        PrecisionPlan(name="all_ternary_int4_vocab", embedding="int4", head="int4"),
         PrecisionPlan(name="boundary_int8", first_k=2, last_k=2, boundary_format="int8"),
         # The paper's finding: middle blocks tolerate ternary best; int4 on the outer thirds.
         PrecisionPlan(name="middle_ternary", first_k=1 / 3, last_k=1 / 3, boundary_format="int4"),

@@ -125,3 +125,22 @@ def sparsity_heatmap(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def best_lr_vs_size(choices: dict[str, dict], path: Path) -> Path:
+    """Each cell's chosen peak learning rate against its size (in the study's order), one line
+    per scheme/plan: how the best rate moves with size and precision."""
+    sizes = list(dict.fromkeys(cell.split("/")[0] for cell in choices))
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for cell, choice in choices.items():
+        size, group = cell.split("/", 1)
+        lines.setdefault(group, []).append((sizes.index(size), choice["lr"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for group, points in sorted(lines.items()):
+        x, lr = _by_size(points)
+        ax.plot(x, lr, "o-", label=group)
+    ax.set_xticks(range(len(sizes)), sizes)
+    ax.set(yscale="log", xlabel="size", ylabel="chosen peak learning rate",
+           title="best learning rate per cell")
+    ax.legend(fontsize=8)
+    return _save(fig, ax, path)

@@ -10,6 +10,10 @@ Ternary schemes (codes in {-1, 0, +1}):
   absmean_channel  the same with one gamma per output row
   twn              Ternary Weight Networks: delta = 0.7 mean|W|, alpha = mean|W| over kept weights
   learned          a trainable per-layer scale alpha (LSQ), initialised from absmean
+  trilm            TriLM (Spectra): absmean with one gamma per shard of the output rows;
+                   trilm_mp2, trilm_mp3, trilm_mp6 are the same with 2, 3 and 6 shards
+  paretoq          ParetoQ's stretched elastic quantizer (SEQ): levels 0, +-2/3 alpha of a
+                   trainable per-row alpha, LSQ-style gradient
 Higher precision for precision plans: int8, int4, int2 (symmetric per-channel absmax,
 codes in [-(2^(b-1) - 1), 2^(b-1) - 1]) and fp (no quantization).
 """
@@ -103,6 +107,35 @@ class AbsMeanChannel(AbsMean):
         return w.abs().mean(dim=1, keepdim=True).float()
 
 
+class AbsMeanShards(AbsMean):
+    """TriLM (Spectra, Kaushal et al., arXiv 2407.12327): absmean with one gamma per shard.
+
+    Spectra trains with N-way model parallelism and computes the absmean scale of each weight
+    matrix per model-parallel shard, so a matrix carries N scales (N = the MP column of its
+    table: 1 up to 830M parameters, 2, 3 and 6 above; SpectraSuite README). Here the shards are
+    `n_shards` contiguous blocks of output rows (torch.tensor_split: sizes differ by at most
+    one row) and each row carries its shard's gamma, so the scale is per row ([out, 1]) and the
+    packed format and inference need nothing new. Deviation: in Megatron-style parallelism the
+    row-parallel layers (attention output, MLP down) are split along their input columns,
+    which would give per-(row, column block) scales that the packed format cannot hold; every
+    matrix is split along its output rows here.
+    """
+
+    name = "trilm"
+    n_shards: ClassVar[int] = 1
+
+    def _gamma(self, w: torch.Tensor) -> torch.Tensor:
+        shards = torch.tensor_split(w.abs(), self.n_shards, dim=0)
+        return torch.cat([s.mean().float().expand(s.shape[0]) for s in shards]).unsqueeze(1)
+
+
+def _trilm(n_shards: int) -> type[AbsMeanShards]:
+    """The TriLM scheme with `n_shards` scales per matrix, as its own registered class."""
+    return type(f"AbsMeanShards{n_shards}", (AbsMeanShards,),
+                {"name": f"trilm_mp{n_shards}", "n_shards": n_shards, "__doc__":
+                 f"TriLM's absmean with {n_shards} shards (see AbsMeanShards)."})
+
+
 class TWN(WeightQuantizer):
     name, bits, ternary = "twn", 2, True
 
@@ -182,6 +215,82 @@ class Learned(WeightQuantizer):
         return _RoundSTE.apply(torch.clamp(weight / alpha, -1, 1)) * alpha
 
 
+SEQ_CLIP = 1 - 1e-2  # ParetoQ's clip_val: keeps 1.5 * x below 1.5, so codes stay in {-1, 0, 1}
+SEQ_LEVEL = 2 / 3  # ternary SEQ's non-zero level, as a fraction of alpha
+
+
+class _StretchedElastic(torch.autograd.Function):
+    """ParetoQ's SEQ for ternary, with the gradients of its reference code.
+
+    Forward, with x = W / alpha (alpha per row, at least EPS):
+        codes = round(1.5 * clamp(x, -c, c)), c = 0.99  ->  codes in {-1, 0, 1}
+        W_hat = codes * (2/3) alpha
+    Backward, with G = dL/dW_hat:
+        dL/dW     = G where |x| <= c, 0 elsewhere (LSQ clipping)
+        dL/dalpha = g * sum_j G_ij * s_ij per row, g = 1 / sqrt(numel(W)),
+                    s = codes * 2/3 - x where |x| <= c, sign(x) elsewhere.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        alpha = alpha.clamp(min=EPS).to(w.dtype)
+        x = w / alpha
+        codes = (x.clamp(-SEQ_CLIP, SEQ_CLIP) * 1.5).round_()
+        ctx.save_for_backward(x, codes)
+        return codes * (alpha * SEQ_LEVEL)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, codes = ctx.saved_tensors
+        inside = x.abs() <= SEQ_CLIP
+        s = torch.where(inside, codes * SEQ_LEVEL - x, x.sign())
+        grad_alpha = (grad * s).sum(dim=1, keepdim=True) / math.sqrt(x.numel())
+        return grad * inside, grad_alpha
+
+
+class StretchedElastic(WeightQuantizer):
+    """ParetoQ ternary (Liu et al., arXiv 2502.02631; facebookresearch/ParetoQ
+    models/utils_quant.py `StretchedElasticQuant` with w_bits = 0, and train.py's init).
+
+    ParetoQ's quantized weight is alpha * round(1.5 * clamp(W / alpha, -0.99, 0.99)) / 1.5:
+    three levels {-2/3, 0, 2/3} * alpha, "stretched" so the levels split [-alpha, alpha] into
+    three equal bins (weights beyond alpha / 3 become non-zero). Writing it as codes * scale
+    with codes = round(1.5 * clamp(W / alpha, -0.99, 0.99)) in {-1, 0, 1} and
+    scale = 2/3 * alpha gives the packed format's codes * scale exactly. alpha is a trainable
+    per-row parameter initialised to max |W| of the row, as ParetoQ does for ternary.
+
+    Gradient (LSQ-style, as ParetoQ's code; see `_StretchedElastic`): note that beyond the clip
+    the code uses sign(x) as dW_hat/dalpha where the forward's derivative is 2/3 sign(x), and
+    the gradient scale is 1 / sqrt(numel of the matrix) although alpha is per row; both are
+    kept as in the reference.
+    """
+
+    name, bits, ternary = "paretoq", 2, True
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Replaced by a per-row parameter in init_from, once the weight's shape is known.
+        self.scale = nn.Parameter(torch.ones(1, 1))
+        # The QuantizedWeight scale (2/3 alpha) at initialisation, to report how far it moved.
+        self.register_buffer("initial_scale", torch.ones(1, 1))
+
+    @torch.no_grad()
+    def init_from(self, weight: torch.Tensor) -> None:
+        alpha = weight.abs().amax(dim=1, keepdim=True).float()
+        self.scale = nn.Parameter(alpha)
+        self.initial_scale = alpha * SEQ_LEVEL
+
+    @torch.no_grad()
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        alpha = self.scale.detach().float().clamp(min=EPS)
+        x = (weight.float() / alpha).clamp_(-SEQ_CLIP, SEQ_CLIP)
+        codes = (x * 1.5).round_().to(torch.int8)
+        return QuantizedWeight(codes, alpha * SEQ_LEVEL, self.bits)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _StretchedElastic.apply(weight, self.scale)
+
+
 class IntN(WeightQuantizer):
     """Symmetric per-output-channel absmax fake quantization to `bits` bits."""
 
@@ -218,8 +327,11 @@ class Int2(IntN):
     name, bits = "int2", 2
 
 
+# Spectra's model-parallel degrees (SpectraSuite README, "MP" column): 1 is `trilm` itself.
+TRILM_SHARDS = (2, 3, 6)
 WEIGHT_FORMATS: dict[str, type[WeightQuantizer]] = {
-    cls.name: cls for cls in (AbsMean, AbsMeanChannel, TWN, Learned, Int8, Int4, Int2)
+    cls.name: cls for cls in (AbsMean, AbsMeanChannel, TWN, Learned, AbsMeanShards,
+                              *map(_trilm, TRILM_SHARDS), StretchedElastic, Int8, Int4, Int2)
 }
 TERNARY_SCHEMES: tuple[str, ...] = tuple(n for n, c in WEIGHT_FORMATS.items() if c.ternary)
 FP = "fp"

@@ -9,41 +9,38 @@ from __future__ import annotations
 import csv
 import json
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ternarylm import plots, tracking
+from ternarylm import metrics as M
+from ternarylm import frontier, plots, tracking
 from ternarylm.analysis import has_ternary_layers
 from ternarylm.config import TrialConfig
 from ternarylm.fit import FitError, compare_to_baseline, fit_scaling_law, holdout_check
 
-COLUMNS = ("size", "scheme", "plan", "seed", "N", "D", "status", "val_loss", "val_ppl",
-           "val_bpb", "train_val_ratio", "sparsity", "packed_bytes", "latent_fp32_bytes",
-           "peak_rss_bytes", "tokens_per_s", "flops", "run_id")
-_FINAL = {"val_loss": "val/loss", "val_ppl": "val/ppl", "val_bpb": "val/bpb",
-          "train_val_ratio": "train_val_ratio", "sparsity": "sparsity/ternary",
-          "packed_bytes": "memory/packed_bytes", "latent_fp32_bytes": "memory/latent_fp32_bytes",
-          "peak_rss_bytes": "memory/peak_rss_bytes", "tokens_per_s": "perf/tokens_per_s",
-          "flops": "progress/flops"}
+COLUMNS = ("size", "scheme", "plan", "recipe", "seed", "lr", "N", "D", "status", *M.table_columns(),
+           "run_id")
 
 
 def collect(trials: list[TrialConfig], uri: str) -> list[dict[str, Any]]:
-    """One row per trial with its status and final metrics (None where it has none)."""
+    """One row per trial with its status and final metrics (None where it has none), read
+    from the trial's MLflow run."""
     rows = []
     for t in trials:
-        exp_id = tracking.ensure_experiment(t.experiment, uri)
-        run = tracking.find_run(uri, exp_id, tracking.TRIAL_KEY_TAG, t.key())
-        metrics = run.data.metrics if run else {}
-        row = {"size": t.size, "plan": t.plan.name, "seed": t.seed,
-               "scheme": t.scheme if has_ternary_layers(t.size, t.plan) else "-",
-               "N": t.model_config(256).param_counts()["params_non_embedding"],
+        run = tracking.find_trial_run(uri, t.experiment, t.key())
+        finals = M.finals(run.data.metrics) if run else {}
+        shape = t.model_config(vocab_size=256)  # block parameters do not depend on it
+        row = {"size": t.size, "plan": t.plan.name, "recipe": t.recipe, "seed": t.seed,
+               "lr": t.train.lr,
+               "scheme": t.scheme if has_ternary_layers(shape, t.plan) else "-",
+               "N": shape.param_counts()["params_non_embedding"],
                "D": t.train.steps * t.global_batch_tokens,
                "status": run.info.status if run else "MISSING",
                "run_id": run.info.run_id if run else None}
-        row |= {col: metrics.get(f"final/{key}") for col, key in _FINAL.items()}
-        row["blocks"] = {int(k.rsplit("_", 1)[1]): v for k, v in metrics.items()
-                         if k.startswith("sparsity/block_")}
+        row |= {col: finals.get(name) for col, name in M.table_columns().items()}
+        row["blocks"] = M.block_values(finals)
         rows.append(row)
     return rows
 
@@ -113,6 +110,63 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def best_per_cell(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Parent-run metrics: the lowest val bits per byte of each (size, plan) among finished
+    trials (every scheme and seed of that cell)."""
+    best: dict[str, float] = {}
+    for r in rows:
+        if r["status"] == "FINISHED" and r["val_bpb"] is not None:
+            key = M.study_best(M.VAL_BPB, r["size"], r["plan"])
+            best[key] = min(best.get(key, float("inf")), r["val_bpb"])
+    return best
+
+
+def fit_constants(fits: dict[str, Any]) -> dict[str, float]:
+    """Parent-run metrics: every fitted constant of every group's scaling law."""
+    out = {}
+    for group, entry in fits.items():
+        fit = entry.get("fit", {})
+        for name in fit.get("ci", {}) or [k for k, v in fit.items()
+                                          if isinstance(v, float) and k != "objective"]:
+            out[M.study_fit(group, name)] = fit[name]
+    return out
+
+
+def log_parent_summary(uri: str, parent_run_id: str, rows: list[dict[str, Any]],
+                       fits: dict[str, Any]) -> None:
+    """Summary metrics on the study's parent run, so studies compare in the MLflow UI."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = best_per_cell(rows) | fit_constants(fits)
+    items = [Metric(k, float(v), now, 0) for k, v in values.items()]
+    c = tracking.client(uri)
+    for i in range(0, len(items), 1000):
+        c.log_batch(parent_run_id, metrics=items[i:i + 1000])
+
+
+def report_lr_search(choices: list, parent_run_id: str, uri: str) -> dict[str, Any]:
+    """The lr search on the parent run: every search trial's loss and each cell's chosen rate
+    (CSV and a plot of the best rate against size, one line per scheme/plan), edge warnings
+    as a tag. Returns {cell: {lr, losses, at_edge}}."""
+    out = {c.cell: {"lr": c.lr, "losses": c.losses, "at_edge": c.at_edge} for c in choices}
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        with open(d / "lr_search.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["cell", "lr", "val_loss", "chosen"])
+            for c in choices:
+                for lr in c.candidates:
+                    writer.writerow([c.cell, lr, c.losses.get(lr), lr == c.lr])
+        plots.best_lr_vs_size(out, d / "best_lr_vs_size.png")
+        tracking.log_artifact(uri, parent_run_id, d, "results")
+    warnings = [c.warning() for c in choices if c.warning()]
+    if warnings:
+        tracking.set_tags(uri, parent_run_id, {"ternarylm.lr_search.warnings":
+                                               " | ".join(warnings)})
+    return out
+
+
 def report_study(study, trials: list[TrialConfig], parent_run_id: str, uri: str,
                  errors: list[str]) -> dict[str, Any]:
     """Table, fits, tests and plots on the parent run; returns a summary."""
@@ -131,12 +185,15 @@ def report_study(study, trials: list[TrialConfig], parent_run_id: str, uri: str,
                              d / "train_val_ratio_vs_size.png")
         plots.memory_vs_size(rows, d / "memory_vs_size.png")
         plots.sparsity_heatmap(rows, d / "sparsity_heatmap.png")
+        front = frontier.write_frontier(rows, d)  # plans compared at equal deployable bytes
+        law = frontier.write_precision_law(rows, d)
         tracking.log_artifact(uri, parent_run_id, d, "results")
     statuses = [r["status"] for r in rows]
-    for name, value in (("trials", len(rows)), ("trials_finished", statuses.count("FINISHED")),
-                        ("trials_failed", statuses.count("FAILED")),
-                        ("trials_stopped_early", statuses.count("KILLED"))):
-        c.log_metric(parent_run_id, f"study/{name}", value)
+    for name, value in ((M.STUDY_TRIALS, len(rows)), (M.STUDY_FINISHED, statuses.count("FINISHED")),
+                        (M.STUDY_FAILED, statuses.count("FAILED")),
+                        (M.STUDY_STOPPED, statuses.count("KILLED"))):
+        c.log_metric(parent_run_id, name, value)
+    log_parent_summary(uri, parent_run_id, rows, fits)
     warnings = []
     if study.scheduler == "asha" and "KILLED" in statuses:
         warnings.append("ASHA stopped some trials early: their losses are not final-loss points "
@@ -149,5 +206,10 @@ def report_study(study, trials: list[TrialConfig], parent_run_id: str, uri: str,
     for w in warnings:
         print(f"warning: {w}", flush=True)
     print(markdown_table(rows), flush=True)
+    if front["frontier"]:
+        print("frontier (packed bytes vs val bits per byte):", flush=True)
+        print(frontier.markdown(front["frontier"]), flush=True)
+    tracking.set_tags(uri, parent_run_id, {"ternarylm.frontier.plans": ",".join(
+        sorted(front.get("plans_on_frontier", [])))})
     return {"parent_run_id": parent_run_id, "rows": rows, "fits": fits, "significance": tests,
-            "errors": errors, "warnings": warnings}
+            "frontier": front, "precision_law": law, "errors": errors, "warnings": warnings}

@@ -16,13 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ternarylm import metrics as M
 from ternarylm import tracking
 from ternarylm.analysis import has_ternary_layers
 from ternarylm.config import ConfigError, TrialConfig, _build, load_yaml
+from ternarylm.lr_search import (SEARCH_TAG, Choice, LRSearchConfig, choose, search_trials,
+                                 with_lr)
+from ternarylm.recipes import recipe_overrides
+from ternarylm.model import ModelConfig
 from ternarylm.plans import PrecisionPlan
 from ternarylm.quantizers import TERNARY_SCHEMES
-from ternarylm.trial import DRIVER_RESOURCE, check_capacity, connect_ray, run_trial
-from ternarylm.trial import storage_path as trial_storage_path
+from ternarylm.cluster import (DRIVER_RESOURCE, check_capacity, check_storage, cluster_watch,
+                               connect_ray, ray_address)
+from ternarylm.cluster import storage_path as trial_storage_path
+from ternarylm.trial import run_trial
 
 STUDY_TAG = "ternarylm.study"
 
@@ -65,8 +72,16 @@ class StudyConfig:
     """GLUE fine-tuning settings (ternarylm.glue.GlueSettings fields: epochs, lr, ...)."""
     glue_data_dir: str | None = None
     """Folder of GLUE TSVs (<dir>/MRPC/train.tsv, ...); None loads them from the hub."""
+    recipes: list[str] = field(default_factory=list)
+    """Named recipes (ternarylm.recipes: fp, paper, bitnet_b158, trilm, paretoq): an axis that
+    replaces schemes x plans, each recipe bringing its block, scheme, plan and schedule."""
+    lr_search: dict[str, Any] | None = None
+    """A learning-rate search per cell before its trials (ternarylm.lr_search.LRSearchConfig:
+    values or low/high/num, budget_fraction, scheduler)."""
 
     def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ConfigError("study.name is empty: name the study (its MLflow parent run)")
         for name in ("sizes", "schemes", "plans", "seeds"):
             value = getattr(self, name)
             if not isinstance(value, list) or not value:
@@ -96,21 +111,26 @@ class StudyConfig:
             raise ConfigError(f"study.per_size names size(s) not in study.sizes: "
                               f"{', '.join(unknown)}")
         self.plans = [PrecisionPlan.from_config(p) for p in self.plans]
+        for name in self.recipes:
+            recipe_overrides(name)  # an unknown name is one line naming the known ones
         if self.glue_tasks:
             from ternarylm.glue import GlueSettings, task_spec
             for task in self.glue_tasks:
                 task_spec(task)
             GlueSettings.from_dict(self.glue)
+        self.search = (_build(LRSearchConfig, self.lr_search, "study.lr_search")
+                       if self.lr_search is not None else None)
         self.trials()  # every cell must be a valid trial before anything starts
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "StudyConfig":
         return _build(cls, load_yaml(path), "study")
 
-    def _trial(self, size: str, scheme: str, plan: PrecisionPlan, seed: int) -> TrialConfig:
-        shared = merge(self.trial, self.per_size.get(size, {}))
-        base = TrialConfig.from_dict({**shared, "size": size, "scheme": scheme, "plan": plan,
-                                      "seed": seed})
+    def _trial(self, size: str, seed: int, cell: dict[str, Any]) -> TrialConfig:
+        """The trial of one cell (its scheme and plan, or its recipe's overrides) and seed,
+        its steps and cadences from the study's token budget."""
+        shared = merge(merge(self.trial, self.per_size.get(size, {})), cell)
+        base = TrialConfig.from_dict({**shared, "size": size, "seed": seed})
         params = base.model_config(256).param_counts()["params_non_embedding"]
         tokens = self.tokens or int(self.tokens_per_param * params)
         steps = max(2, math.ceil(tokens / base.global_batch_tokens))
@@ -118,22 +138,40 @@ class StudyConfig:
         train = {**shared.get("train", {}), "steps": steps,
                  "warmup_steps": min(steps - 1, int(self.warmup_fraction * steps)),
                  "eval_every": every, "checkpoint_every": every, "log_every": min(10, every)}
-        return TrialConfig.from_dict({**shared, "size": size, "scheme": scheme, "plan": plan,
-                                      "seed": seed, "train": train,
+        return TrialConfig.from_dict({**shared, "size": size, "seed": seed, "train": train,
                                       "experiment": shared.get("experiment", "ternarylm")})
 
-    def trials(self) -> list[TrialConfig]:
-        """The grid, one trial per distinct config: a plan without ternary layers (fp) trains
-        once per size and seed, not once per scheme."""
-        trials: dict[str, TrialConfig] = {}
+    def _cell_axis(self, size: str) -> list[tuple[str, dict[str, Any]]]:
+        """(cell label, trial overrides) of one size: each recipe, or each scheme x plan (a
+        plan without ternary layers, such as fp, once rather than once per scheme)."""
+        if self.recipes:
+            return [(name, recipe_overrides(name) | {"recipe": name}) for name in self.recipes]
+        axis = []
+        for plan in self.plans:
+            first = self._trial(size, self.seeds[0], {"scheme": self.schemes[0], "plan": plan})
+            ternary = has_ternary_layers(_shape(first), plan)
+            for scheme in self.schemes if ternary else self.schemes[:1]:
+                label = f"{scheme if ternary else '-'}/{plan.name}"
+                axis.append((label, {"scheme": scheme, "plan": plan}))
+        return axis
+
+    def cells(self) -> dict[str, list[TrialConfig]]:
+        """The grid by cell (size/scheme/plan, or size/recipe), each cell's trials one per
+        seed; a trial two cells share (same key) trains once."""
+        cells: dict[str, list[TrialConfig]] = {}
+        seen: set[str] = set()
         for size in self.sizes:
-            for plan in self.plans:
-                schemes = self.schemes if has_ternary_layers(size, plan) else self.schemes[:1]
-                for scheme in schemes:
-                    for seed in self.seeds:
-                        t = self._trial(size, scheme, plan, seed)
-                        trials.setdefault(t.key(), t)
-        return list(trials.values())
+            for label, overrides in self._cell_axis(size):
+                for seed in self.seeds:
+                    t = self._trial(size, seed, overrides)
+                    if t.key() not in seen:
+                        seen.add(t.key())
+                        cells.setdefault(f"{size}/{label}", []).append(t)
+        return cells
+
+    def trials(self) -> list[TrialConfig]:
+        """The grid, one trial per distinct config (at the configured learning rate)."""
+        return [t for trials in self.cells().values() for t in trials]
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -147,20 +185,47 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _shape(t: TrialConfig) -> ModelConfig:
+    """The trial's model shape where the vocabulary does not matter (block parameters, plans)."""
+    return t.model_config(vocab_size=256)
+
+
+def trial_vocab(t: TrialConfig) -> tuple[int, str]:
+    """The trial's vocabulary and where it came from (token cache, tokenizer, or the size's
+    default when an hf: tokenizer is not on this machine)."""
+    from ternarylm.data import vocab_size
+
+    vocab = vocab_size(t.data)
+    if vocab is not None:
+        return vocab, t.data.tokenizer
+    default = ModelConfig.__dataclass_fields__["vocab_size"].default
+    return default, f"{t.data.tokenizer} not on this machine: the model's default"
+
+
 def trial_table(study: StudyConfig) -> list[dict[str, Any]]:
-    """What the study will run: params, tokens, FLOPs and GPU-hours at the assumed MFU."""
+    """What the study will run: params, tokens, FLOPs (with each trial's real vocabulary, as
+    its `progress/flops` will log) and GPU-hours at the assumed MFU; with an lr search, its
+    search trials (role `search`) beside the final ones (whose rate the search decides)."""
     rows = []
-    for t in study.trials():
-        cfg = t.model_config(256)
+    vocabs: dict[str, tuple[int, str]] = {}
+
+    def row(t: TrialConfig, role: str) -> dict[str, Any]:
+        vocab, source = vocabs.setdefault(repr(t.data), trial_vocab(t))
+        cfg = t.model_config(vocab)
         tokens = t.train.steps * t.global_batch_tokens
         flops = cfg.flops_per_token(t.seq_len) * tokens
-        rows.append({
-            "size": t.size, "scheme": t.scheme, "plan": t.plan.name, "seed": t.seed,
-            "params": cfg.param_counts()["params_non_embedding"], "tokens": tokens,
-            "steps": t.train.steps, "flops": flops,
-            "gpu_hours": flops / (study.assumed_mfu * study.gpu_peak_flops) / 3600,
-            "key": t.key(),
-        })
+        return {"role": role, "size": t.size, "scheme": t.scheme, "plan": t.plan.name,
+                "seed": t.seed, "lr": t.train.lr if role == "search" or not study.search
+                else None, "params": cfg.param_counts()["params_non_embedding"],
+                "vocab": vocab, "vocab_source": source, "tokens": tokens,
+                "steps": t.train.steps, "flops": flops,
+                "gpu_hours": flops / (study.assumed_mfu * study.gpu_peak_flops) / 3600,
+                "key": t.key() if role == "search" or not study.search else None}
+
+    for trials in study.cells().values():
+        if study.search:
+            rows += [row(t, "search") for t in search_trials(trials[0], study.search)]
+        rows += [row(t, "final") for t in trials]
     return rows
 
 
@@ -169,17 +234,18 @@ def _tune_trial(config: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = TrialConfig.from_dict(config["trial"])
+    cfg: TrialConfig = config["trial"]["spec"]
     # Tune actors inherit the cluster's environment, not the study driver's: pass the URI.
     result = run_trial(cfg, parent_run_id=config["parent_run_id"],
-                       callbacks=[TuneReportCallback()], tracking_uri=config.get("tracking_uri"))
+                       callbacks=[TuneReportCallback()], tracking_uri=config.get("tracking_uri"),
+                       tags=config["tags"])
     glue = config["glue"]
     if glue["tasks"]:
         from ternarylm.glue import GlueSettings, finetune_and_log
         for task in glue["tasks"]:
             finetune_and_log(result.run_id, task, GlueSettings.from_dict(glue["settings"]),
                              glue["data_dir"])
-    tune.report({**{f"final/{k}": v for k, v in result.metrics.items()},
+    tune.report({**{M.final(k): v for k, v in result.metrics.items()},
                  "skipped": float(result.skipped)})
 
 
@@ -188,23 +254,29 @@ def _study_callback(experiment: str, uri: str, n_trials: int):
     closed when a trial stops early (ASHA) or errors, since its workers die without closing."""
     from ray import tune
 
+    from ternarylm.cluster import NodeWait
+
     class StudyProgress(tune.Callback):
         done = 0
+        waiting = NodeWait()  # what trials wait for while an autoscaler adds nodes
+
+        def on_step_begin(self, iteration, trials, **info):
+            line = self.waiting.line()
+            if line:
+                print(f"[{self.done}/{n_trials} done] {line}", flush=True)
 
         def _line(self, trial, text: str) -> None:
             print(f"[{self.done}/{n_trials} done] {_trial_name(trial)}: {text}", flush=True)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if "val/loss" in result:
-                steps = trial.config["trial"]["train"]["steps"]
-                self._line(trial, f"step {int(result['step'])}/{steps}  val/loss "
-                                  f"{result['val/loss']:.4f}  val/bpb {result['val/bpb']:.4f}")
+            if M.VAL_LOSS in result:
+                steps = trial.config["trial"]["steps"]
+                self._line(trial, f"step {int(result['step'])}/{steps}  {M.VAL_LOSS} "
+                                  f"{result[M.VAL_LOSS]:.4f}  {M.VAL_BPB} {result[M.VAL_BPB]:.4f}")
 
         def _close(self, trial, status: str, reason: str) -> None:
             self.done += 1
-            key = TrialConfig.from_dict(trial.config["trial"]).key()
-            exp_id = tracking.ensure_experiment(experiment, uri)
-            run = tracking.find_run(uri, exp_id, tracking.TRIAL_KEY_TAG, key)
+            run = tracking.find_trial_run(uri, experiment, trial.config["trial"]["key"])
             if run is not None and run.info.status == "RUNNING":
                 tracking.end_run(uri, run.info.run_id, status, reason)
                 self._line(trial, f"{status}: {reason}")
@@ -245,60 +317,121 @@ def _driver_resources() -> dict[str, float]:
 
 
 def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, Any]:
-    """Run every trial of the study through Ray Tune, then log results, fits and plots."""
-    from ray import tune
-
+    """Run every trial of the study through Ray Tune (after a learning-rate search per cell if
+    the study asks for one), then log results, fits and plots."""
     from ternarylm.data import prepare_data
-    from ternarylm.results import report_study
+    from ternarylm.results import report_lr_search, report_study
 
-    trials = study.trials()
+    cells = study.cells()
+    trials = [t for ts in cells.values() for t in ts]
     for t in trials:  # resolved here: Tune actors see the cluster's environment, not ours
         t.storage_path = storage_path or t.storage_path or trial_storage_path(t)
     experiment = trials[0].experiment
     uri = tracking.tracking_uri()
     # Every check before the parent run exists: bad input leaves no run half made.
+    for path in {t.storage_path for t in trials}:
+        check_storage(path)
+    address = ray_address()
     for data in {repr(t.data): t.data for t in trials}.values():
         prepare_data(data)  # once, here: trials find the cache
     tracking.check_tracking(uri)
-    connect_ray()
+    address = connect_ray(address)
     check_capacity(trials)
     parent = open_study_run(study, experiment, uri)
     print(f"study {study.name}: {len(trials)} trials, MLflow parent run {parent} at {uri}",
           flush=True)
-    scheduler = None
-    if study.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-        scheduler = ASHAScheduler(metric="val/loss", mode="min", time_attr="step",
-                                  max_t=max(t.train.steps for t in trials),
-                                  grace_period=min(t.train.eval_every for t in trials))
-    param_space = {"trial": tune.grid_search([t.to_dict() for t in trials]),
-                   "parent_run_id": parent,
-                   "glue": {"tasks": study.glue_tasks, "settings": study.glue,
-                            "data_dir": study.glue_data_dir},
-                   "tracking_uri": uri}
-    tuner = tune.Tuner(
-        tune.with_resources(_tune_trial, _driver_resources()),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent,
-                                    scheduler=scheduler,
-                                    trial_name_creator=_trial_name,
-                                    trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(name=f"study-{study.name}-{int(time.time())}",
-                                  storage_path=trials[0].storage_path,
-                                  callbacks=[_study_callback(experiment, uri, len(trials))],
-                                  verbose=0),
-    )
-    grid = tuner.fit()
-    # The last line of a trial's error is its own exception (Ray prefixes task details).
-    errors = [str(e).strip().splitlines()[-1][:400] for e in grid.errors]
-    summary = report_study(study, trials, parent, uri, errors)
-    finished = [r for r in grid if r.error is None and r.metrics]
-    summary["skipped"] = sorted(_trial_name(r) for r in finished if r.metrics.get("skipped"))
-    summary["trained"] = sorted(_trial_name(r) for r in finished if not r.metrics.get("skipped"))
+    tune_run = _TuneRun(study, parent, uri, experiment)
+    summary: dict[str, Any] = {"trained": [], "skipped": [], "errors": [], "lr_search": {}}
+    with cluster_watch(address, uri, parent, f"study {study.name}"):
+        if study.search:
+            choices = []
+            for cell, cell_trials in cells.items():
+                choice = _search_cell(tune_run, cell, cell_trials[0], summary)
+                choices.append(choice)
+                cells[cell] = [with_lr(t, choice.lr) for t in cell_trials]
+            summary["lr_search"] = report_lr_search(choices, parent, uri)
+            trials = [t for ts in cells.values() for t in ts]
+        tune_run.fit(trials, study.scheduler, {}, summary)
+    summary |= report_study(study, trials, parent, uri, summary["errors"])
+    for key in ("trained", "skipped"):
+        summary[key] = sorted(summary[key])
     tracking.end_run(uri, parent, "FINISHED")
     return summary
 
 
+def _search_cell(tune_run: "_TuneRun", cell: str, trial: TrialConfig,
+                 summary: dict[str, Any]) -> Choice:
+    """Search trials of one cell (their own Tuner: ASHA compares rates within the cell only),
+    and the rate that wins."""
+    search = tune_run.study.search
+    trials = search_trials(trial, search)
+    print(f"lr search {cell}: {len(trials)} rates {', '.join(f'{c:g}' for c in search.candidates)}",
+          flush=True)
+    tune_run.fit(trials, search.scheduler, {SEARCH_TAG: cell}, summary)
+    losses = {}
+    for t in trials:
+        run = tracking.find_trial_run(tune_run.uri, t.experiment, t.key())
+        done = run is not None and run.info.status == "FINISHED"
+        losses[t.train.lr] = M.finals(run.data.metrics).get(M.VAL_LOSS) if done else None
+    choice = choose(cell, losses, search.candidates)
+    print(f"lr search {cell}: chose {choice.lr:g} (val/loss "
+          f"{', '.join(f'{lr:g}: {v:.4f}' for lr, v in sorted(choice.losses.items()))})",
+          flush=True)
+    if choice.warning():
+        print(f"warning: {choice.warning()}", flush=True)
+    return choice
+
+
+@dataclass
+class _TuneRun:
+    """The settings every Tuner of one study shares."""
+
+    study: StudyConfig
+    parent: str
+    uri: str
+    experiment: str
+
+    def fit(self, trials: list[TrialConfig], scheduler_name: str, tags: dict[str, str],
+            summary: dict[str, Any]) -> None:
+        """Run `trials` through one Tuner; adds names and errors to `summary`."""
+        from ray import tune
+
+        scheduler = None
+        if scheduler_name == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+            scheduler = ASHAScheduler(metric=M.VAL_LOSS, mode="min", time_attr="step",
+                                      max_t=max(t.train.steps for t in trials),
+                                      grace_period=min(t.train.eval_every for t in trials))
+        param_space = {"trial": tune.grid_search([_tune_entry(t) for t in trials]),
+                       "parent_run_id": self.parent,
+                       "glue": {"tasks": [] if tags else self.study.glue_tasks,
+                                "settings": self.study.glue, "data_dir": self.study.glue_data_dir},
+                       "tracking_uri": self.uri, "tags": tags}
+        tuner = tune.Tuner(
+            tune.with_resources(_tune_trial, _driver_resources()),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=self.study.max_concurrent,
+                                        scheduler=scheduler, trial_name_creator=_trial_name,
+                                        trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name=f"study-{self.study.name}-{int(time.time() * 1000)}",
+                storage_path=trials[0].storage_path,
+                callbacks=[_study_callback(self.experiment, self.uri, len(trials))], verbose=0),
+        )
+        grid = tuner.fit()
+        # The last line of a trial's error is its own exception (Ray prefixes task details).
+        summary["errors"] += [str(e).strip().splitlines()[-1][:400] for e in grid.errors]
+        finished = [r for r in grid if r.error is None and r.metrics]
+        summary["skipped"] += [_trial_name(r) for r in finished if r.metrics.get("skipped")]
+        summary["trained"] += [_trial_name(r) for r in finished if not r.metrics.get("skipped")]
+
+
+def _tune_entry(t: TrialConfig) -> dict[str, Any]:
+    """A trial as Tune carries it: the config object (Tune passes it to the trainable through
+    its object store, by reference) beside the plain values callbacks read in the driver."""
+    return {"spec": t, "name": t.run_name, "key": t.key(), "steps": t.train.steps}
+
+
 def _trial_name(trial) -> str:
     """The trial's run name (for a Tune trial or result alike)."""
-    return TrialConfig.from_dict(trial.config["trial"]).run_name
+    return trial.config["trial"]["name"]

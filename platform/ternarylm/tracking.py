@@ -12,18 +12,20 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 import ternarylm
+from ternarylm import metrics
 from ternarylm.config import ConfigError, ternarylm_home
 
 TRIAL_KEY_TAG = "ternarylm.trial_key"
 STUDY_KEY_TAG = "ternarylm.study_key"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 _BATCH = 100  # MLflow's REST API caps a log_batch at 1,000 metrics and 100 params
 
 
@@ -64,6 +66,8 @@ def ensure_experiment(name: str, uri: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older ternarylm
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return exp.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:///"):
@@ -71,7 +75,9 @@ def ensure_experiment(name: str, uri: str) -> str:
         # `ray job submit` working dir deletes; keep artifacts beside the database instead.
         artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
     try:
-        return c.create_experiment(name, artifact_location=artifact_location)
+        # The kind tag opens the experiment in the UI's model-training view (not GenAI's).
+        return c.create_experiment(name, artifact_location=artifact_location,
+                                   tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     except mlflow.exceptions.MlflowException:
         return c.get_experiment_by_name(name).experiment_id  # created meanwhile by another driver
 
@@ -80,6 +86,12 @@ def find_run(uri: str, experiment_id: str, tag: str, value: str) -> Any | None:
     runs = client(uri).search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
                                    order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+def find_trial_run(uri: str, experiment: str, key: str) -> Any | None:
+    """The newest run of the trial with this content key, if any."""
+    experiment_id = ensure_experiment(experiment, uri)
+    return find_run(uri, experiment_id, TRIAL_KEY_TAG, key)
 
 
 def start_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
@@ -131,11 +143,23 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-class MetricLog:
-    """Buffers per-step metrics and writes them in batches, each step at most once.
+class Tracker(Protocol):
+    """What a training loop records, wherever it is stored: metrics by step, tags, artifacts
+    and the closing summary. Every call is a no-op on ranks that do not log."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def flush(self) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_summary(self) -> None: ...
+
+
+class MlflowTracker:
+    """The Tracker of one MLflow run: buffered metrics written in batches, each step at most
+    once.
 
     After a restart from a checkpoint at step S, training recomputes steps S+1.. that may
-    already be in MLflow; `resume` finds the last logged step so those are not written twice.
+    already be in MLflow; the last logged step is read at start so those are not written twice.
     """
 
     def __init__(self, uri: str, run_id: str, enabled: bool, progress_key: str) -> None:
@@ -159,6 +183,27 @@ class MetricLog:
         for i in range(0, len(self.buffer), 1000):
             c.log_batch(self.run_id, metrics=self.buffer[i:i + 1000])
         self.buffer = []
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.enabled:
+            set_tags(self.uri, self.run_id, tags)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            log_artifact(self.uri, self.run_id, path, artifact_path)
+
+    def log_summary(self) -> None:
+        """`final/...` metrics from the run's latest values (the stored ones, so a trial
+        resumed after its last step still gets its summary)."""
+        if not self.enabled:
+            return
+        c = client(self.uri)
+        latest = c.get_run(self.run_id).data.metrics
+        history = c.get_metric_history(self.run_id, self.progress_key)
+        step = max((m.step for m in history), default=0)
+        now = int(time.time() * 1000)
+        c.log_batch(self.run_id, metrics=[Metric(k, v, now, step)
+                                          for k, v in metrics.summary_of(latest).items()])
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

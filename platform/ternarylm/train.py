@@ -1,13 +1,16 @@
 """The training loop one Ray Train worker runs: a DeepSpeed engine over a quantized model.
 
-Every rank trains on its own windows of the corpus; rank 0 alone writes to MLflow. Checkpoints
-are DeepSpeed checkpoints handed to `ray.train.report`, and a restarted worker resumes from
-`ray.train.get_checkpoint()` at the same step and data position (the sampler is a pure function
-of the step).
+Every rank trains on its own windows of the corpus; rank 0 alone writes to MLflow, through a
+`tracking.Tracker`. Checkpoints are DeepSpeed checkpoints handed to `ray.train.report`, and a
+restarted worker resumes from `ray.train.get_checkpoint()` at the same step and data position
+(the sampler is a pure function of the step). At the end rank 0 leaves the trial's artifacts
+(the latent model and the packed file), measures them, and writes the run's `final/` summary.
+Under ZeRO-3 every read of the weights happens inside a gather of the partitioned parameters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -16,53 +19,31 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
-from ternarylm.analysis import block_sparsity, layer_stats, packed_bytes
+from ternarylm import metrics as M
+from ternarylm import tracking
+from ternarylm.analysis import block_sparsity, layer_stats
 from ternarylm.artifacts import ARTIFACT_PATH, save_trained
 from ternarylm.config import TrialConfig
 from ternarylm.data import PreparedData, WindowSampler, eval_batches, prepare_data
 from ternarylm.model import TernaryLM
+from ternarylm.optim import TrainSchedule, param_groups
+from ternarylm.packing import PACKED_ARTIFACT_PATH, load_packed, pack_model, provenance, tensor_bytes
 from ternarylm.plans import apply_plan
 from ternarylm.quantizers import TERNARY_SCHEMES
-from ternarylm import tracking
 
 CHECKPOINT_TAG = "ckpt"
-PROGRESS_METRIC = "train/loss"
 DIVERGED_TAG = "ternarylm.diverged"
+PACKED_FILE = "model.packed.safetensors"
 
 # Dense bf16 peak of known accelerators, for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-
-
-def lr_lambda(cfg, step: int) -> float:
-    """Learning rate multiplier at optimizer step `step` (0-based) for cosine or WSD."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    if t.schedule == "cosine":
-        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    decay_start = t.steps - int(t.decay_fraction * t.steps)
-    if step < decay_start:
-        return 1.0
-    progress = (step - decay_start) / max(1, t.steps - decay_start)
-    return 1.0 - (1 - t.min_lr_ratio) * min(1.0, progress)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: norms, biases and learned quantizer scales are left alone."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and "weight_quantizer" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
 
 
 def deepspeed_config(cfg: TrialConfig, bf16: bool) -> dict[str, Any]:
@@ -88,15 +69,16 @@ class TrialRuntime:
 
 
 def train_worker(payload: dict[str, Any]) -> None:
-    """Entry point of every Ray Train worker (`train_loop_per_worker`)."""
+    """Entry point of every Ray Train worker (`train_loop_per_worker`): the trial's config and
+    runtime arrive as objects, validated once by the driver."""
     started = time.perf_counter()
-    cfg = TrialConfig.from_dict(payload["trial"])
+    cfg: TrialConfig = payload["trial"]
     # DeepSpeed picks its accelerator at import; without this it may probe for CUDA on CPU hosts.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")
     import deepspeed
     import ray.train
 
-    runtime = TrialRuntime(**payload["runtime"])
+    runtime: TrialRuntime = payload["runtime"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = torch.device("cuda", ctx.get_local_rank()) if cfg.use_gpu else torch.device("cpu")
@@ -114,7 +96,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                   betas=cfg.train.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
+    scheduler = TrainSchedule(optimizer, cfg.train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, bf16))
@@ -126,16 +108,16 @@ def train_worker(payload: dict[str, Any]) -> None:
             _, client_state = engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
         step = client_state["step"]
 
-    log = tracking.MetricLog(runtime.tracking_uri, runtime.run_id, rank == 0, PROGRESS_METRIC)
-    if rank == 0 and step:
-        tracking.set_tags(runtime.tracking_uri, runtime.run_id, {"ternarylm.resumed_from_step": step})
+    log = tracking.MlflowTracker(runtime.tracking_uri, runtime.run_id, rank == 0, M.TRAIN_LOSS)
+    if step:
+        log.set_tags({"ternarylm.resumed_from_step": step})
     loop = _Loop(cfg, engine, data, formats, rank, world, device, log)
     loop.run(step, init_seconds=time.perf_counter() - started)
 
 
 class _Loop:
     def __init__(self, cfg: TrialConfig, engine, data: PreparedData, formats: dict[str, str],
-                 rank: int, world: int, device: torch.device, log: tracking.MetricLog) -> None:
+                 rank: int, world: int, device: torch.device, log: tracking.Tracker) -> None:
         self.cfg, self.engine, self.data, self.formats = cfg, engine, data, formats
         self.rank, self.world, self.device, self.log = rank, world, device, log
         t = cfg.train
@@ -167,17 +149,24 @@ class _Loop:
             if step % t.eval_every == 0 or step == t.steps:
                 metrics |= self.evaluate(step)
             if step == t.steps:  # what this launch spent outside the training loop, for reports
-                metrics |= {"time/worker_init_s": init_seconds,
-                            "time/train_loop_s": time.perf_counter() - loop_start}
+                metrics |= {M.WORKER_INIT_S: init_seconds,
+                            M.TRAIN_LOOP_S: time.perf_counter() - loop_start}
             self.log.log(step, {k: v for k, v in metrics.items() if k != "step"})
             if step % t.checkpoint_every == 0 or step == t.steps:
                 self.log.flush()  # before the checkpoint: a resume never leaves a gap
                 self._checkpoint(step, metrics)
-            elif "val/loss" in metrics:  # Tune schedulers rank trials by it
+            elif M.VAL_LOSS in metrics:  # Tune schedulers rank trials by it
                 ray.train.report(metrics)
+        self._finish(t.steps)
+
+    def _finish(self, step: int) -> None:
+        """The trial's artifacts, their measured sizes, then the run's `final/` summary."""
+        with self._gathered():  # a collective: every rank takes part
+            if self.rank == 0:
+                with tempfile.TemporaryDirectory() as d:
+                    self.log.log(step, self._export_model(Path(d)))
         self.log.flush()
-        if self.rank == 0:
-            self._export_model()
+        self.log.log_summary()
 
     def _record_rank_batches(self, step: int) -> None:
         """Tag the run with a fingerprint of each rank's first batch: proof of disjoint data."""
@@ -186,9 +175,8 @@ class _Loop:
                               device=self.device)  # NCCL gathers CUDA tensors only
         gathered = [torch.zeros_like(digest) for _ in range(self.world)]
         dist.all_gather(gathered, digest)
-        if self.rank == 0:
-            tracking.set_tags(self.log.uri, self.log.run_id, {
-                "ternarylm.rank_batch_fingerprints": ",".join(f"{int(g):x}" for g in gathered)})
+        self.log.set_tags({
+            "ternarylm.rank_batch_fingerprints": ",".join(f"{int(g):x}" for g in gathered)})
 
     def _train_step(self, step: int) -> float:
         total = torch.zeros((), device=self.device)
@@ -209,14 +197,14 @@ class _Loop:
     def _train_metrics(self, step: int, loss: float, tokens_per_s: float) -> dict[str, float]:
         tokens = step * self.cfg.global_batch_tokens
         flops_per_s = tokens_per_s * self.flops_per_token
-        m = {PROGRESS_METRIC: loss, "train/lr": self.engine.get_lr()[0],
-             "perf/tokens_per_s": tokens_per_s, "perf/flops_per_s": flops_per_s,
-             "progress/tokens": tokens, "progress/flops": tokens * self.flops_per_token,
-             "memory/peak_rss_bytes": _peak_rss_bytes()}
+        m = {M.TRAIN_LOSS: loss, M.TRAIN_LR: self.engine.get_lr()[0],
+             M.TOKENS_PER_S: tokens_per_s, M.FLOPS_PER_S: flops_per_s,
+             M.TOKENS: tokens, M.FLOPS: tokens * self.flops_per_token,
+             M.PEAK_RSS: _peak_rss_bytes()}
         if self.peak_flops:
-            m["perf/mfu"] = flops_per_s / (self.peak_flops * self.world)
+            m[M.MFU] = flops_per_s / (self.peak_flops * self.world)
         if self.device.type == "cuda":
-            m["memory/peak_cuda_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            m[M.PEAK_CUDA] = torch.cuda.max_memory_allocated(self.device)
         return m
 
     @torch.no_grad()
@@ -234,27 +222,41 @@ class _Loop:
         dist.all_reduce(sums)
         return float(sums[0] / sums[1])
 
+    def _gathered(self):
+        """Whole parameters on every rank while inside (ZeRO-3 partitions them: outside a
+        gather a partitioned matrix has no elements); a collective, so every rank enters."""
+        if self.cfg.train.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()),
+                                                 modifier_rank=None)
+
     def evaluate(self, step: int) -> dict[str, float]:
         t = self.cfg.train
         val = self._mean_loss("validation", t.eval_max_tokens)
         train = self._mean_loss("train", t.train_sample_tokens)
         val_ppl, train_ppl = math.exp(min(val, 80)), math.exp(min(train, 80))
+        m = {M.VAL_LOSS: val, M.VAL_PPL: val_ppl,
+             M.VAL_BPB: val / math.log(2) / self.data.bytes_per_token("validation"),
+             M.TRAIN_SAMPLE_LOSS: train, M.TRAIN_SAMPLE_PPL: train_ppl,
+             M.TRAIN_VAL_RATIO: val_ppl / train_ppl}
+        with self._gathered():
+            return m | self._weight_metrics()
+
+    def _weight_metrics(self) -> dict[str, float]:
+        """Sparsity, effective bits, scale drift and latent size of the (whole) weights."""
         rows = layer_stats(self.engine.module)
-        m = {"val/loss": val, "val/ppl": val_ppl,
-             "val/bpb": val / math.log(2) / self.data.bytes_per_token("validation"),
-             "train_sample/loss": train, "train_sample/ppl": train_ppl,
-             "train_val_ratio": val_ppl / train_ppl,
-             "memory/latent_fp32_bytes": 4 * sum(p.numel() for p in self.engine.module.parameters()),
-             "memory/packed_bytes": packed_bytes(self.engine.module, self.formats)}
+        m = {M.LATENT_BYTES: 4 * sum(p.numel() for p in self.engine.module.parameters())}
         ternary = [r for r in rows if r["format"] in TERNARY_SCHEMES]
         if ternary:
             numel = sum(r["numel"] for r in ternary)
-            m["sparsity/ternary"] = sum(r["zero_fraction"] * r["numel"] for r in ternary) / numel
-            m["bits/effective_ternary"] = sum(r["effective_bits"] * r["numel"] for r in ternary) / numel
-        m |= {f"sparsity/block_{b:02d}": s for b, s in block_sparsity(rows).items()}
+            m[M.SPARSITY] = sum(r["zero_fraction"] * r["numel"] for r in ternary) / numel
+            m[M.EFFECTIVE_BITS] = sum(r["effective_bits"] * r["numel"] for r in ternary) / numel
+        m |= {M.block_sparsity(b): s for b, s in block_sparsity(rows).items()}
         learned = [r for r in rows if "scale_initial" in r]
         if learned:
-            m["scale/learned_drift"] = sum(r["scale_mean"] / r["scale_initial"] for r in learned) / len(learned)
+            m[M.LEARNED_DRIFT] = sum(r["scale_mean"] / r["scale_initial"] for r in learned) / len(learned)
         return m
 
     def _checkpoint(self, step: int, metrics: dict[str, float]) -> None:
@@ -268,19 +270,25 @@ class _Loop:
     def _diverged(self, step: int, loss: float) -> None:
         import ray.train
 
-        self.log.log(step, {PROGRESS_METRIC: loss})
+        self.log.log(step, {M.TRAIN_LOSS: loss})
         self.log.flush()
-        if self.rank == 0:  # the driver reads this tag: Ray keeps only checkpointed reports
-            tracking.set_tags(self.log.uri, self.log.run_id,
-                              {DIVERGED_TAG: f"loss became {loss} at step {step}"})
-        ray.train.report({"step": step, "diverged": 1.0, PROGRESS_METRIC: loss})
+        # The driver reads this tag: Ray keeps only checkpointed reports.
+        self.log.set_tags({DIVERGED_TAG: f"loss became {loss} at step {step}"})
+        ray.train.report({"step": step, "diverged": 1.0, M.TRAIN_LOSS: loss})
 
-    def _export_model(self) -> None:
-        """The final model, config and tokenizer, as the run's `model/` artifact."""
-        with tempfile.TemporaryDirectory() as d:
-            save_trained(d, self.engine.module, self.cfg, self.formats, self.data.tokenizer(),
-                         self.data.eos_id)
-            tracking.log_artifact(self.log.uri, self.log.run_id, d, ARTIFACT_PATH)
+    def _export_model(self, directory: Path) -> dict[str, float]:
+        """Log the final model (`model/`: latent weights, config, tokenizer) and its packed file
+        (`packed/`, what `ternarylm pack` writes for it); returns the packed file's measured
+        size on disk and the bytes its inference model holds once loaded."""
+        tokenizer = self.data.tokenizer()
+        model_dir = save_trained(directory / ARTIFACT_PATH, self.engine.module, self.cfg,
+                                 self.formats, tokenizer, self.data.eos_id)
+        self.log.log_artifact(model_dir, ARTIFACT_PATH)
+        packed = pack_model(self.engine.module, directory / PACKED_FILE, tokenizer,
+                            self.data.eos_id, provenance=provenance(self.cfg))
+        self.log.log_artifact(packed.path, PACKED_ARTIFACT_PATH)
+        resident = tensor_bytes(load_packed(packed.path).model)
+        return {M.PACKED_BYTES: packed.path.stat().st_size, M.PACKED_RESIDENT: resident}
 
 
 def _peak_rss_bytes() -> int:

@@ -1,0 +1,132 @@
+"""The CUDA path in one short run, for a machine with one GPU (H100/H200; ~6 minutes).
+
+Trains paper-132m twice through the path users run (`ternarylm train`: Ray Train, a DeepSpeed
+engine, bf16, ZeRO-1, NCCL), FP and all_ternary absmean, same data and batch, then packs the
+ternary model and decodes with it on the CPU. Prints each figure as one JSON line, the last
+line holding them all:
+
+    python benchmarks/gpu_check.py [--steps 300] [--data FILE] [--wheels DIR] [--json]
+
+step time, tokens/s and MFU are the trial's own `perf/*` metrics (the last log window, no
+evaluation inside), peak memory its `memory/peak_cuda_bytes`; ternary/FP is the ratio of the
+two trials' step times. Installs what is missing itself: `pip install -e .` (from --wheels
+when the machine has no network). Without a GPU it says so and exits 2.
+"""
+
+import os
+import sys
+
+# benchmarks/tokenize.py shadows the stdlib module `tokenize`: drop this folder from the path.
+sys.path = [p for p in sys.path
+            if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+SAMPLE = SAMPLE / "tinystories" / "tinystories_sample.txt"
+
+
+def ensure_installed(wheels: str | None) -> None:
+    try:
+        import ternarylm  # noqa: F401
+        return
+    except ImportError:
+        pass
+    extra = ["--no-index", "--find-links", wheels] if wheels else []
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *extra, "-e", str(REPO)],
+                   check=True)
+
+
+def trial_yaml(directory: Path, plan: str, data: str, steps: int, tokenizer: str) -> Path:
+    import yaml
+
+    config = {"size": "paper-132m", "scheme": "absmean", "plan": plan, "seq_len": 256,
+              "num_workers": 1, "cpus_per_worker": 4, "use_gpu": True, "max_failures": 0,
+              "experiment": "gpu-check", "name": f"gpu-check-{plan}",
+              "data": {"source": data, "tokenizer": tokenizer},
+              "train": {"steps": steps, "micro_batch": 64, "lr": 1.5e-3, "precision": "bf16",
+                        "zero_stage": 1, "warmup_steps": min(50, steps // 4),
+                        "eval_every": steps, "checkpoint_every": steps, "log_every": 50,
+                        "eval_max_tokens": 65536, "train_sample_tokens": 16384},
+              "storage_path": str(directory / "runs")}
+    path = directory / f"{plan}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train(config: Path, env: dict) -> dict:
+    out = subprocess.run(["ternarylm", "train", "--config", str(config)], env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"gpu_check: trial {config.stem} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def figures(result: dict, global_batch_tokens: int) -> dict:
+    from ternarylm import metrics as M
+
+    m = result["metrics"]
+    return {"step_s": global_batch_tokens / m[M.TOKENS_PER_S],
+            "tokens_per_s": m[M.TOKENS_PER_S], "mfu": m.get(M.MFU),
+            "peak_cuda_bytes": m.get(M.PEAK_CUDA), "val_bpb": m[M.VAL_BPB],
+            "worker_init_s": m.get(M.WORKER_INIT_S)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--data", default=str(SAMPLE), help="a .txt/.jsonl/.parquet corpus")
+    parser.add_argument("--tokenizer", default="bpe:30522",
+                        help="bpe:30522 has the paper's vocabulary size and needs no hub")
+    parser.add_argument("--wheels", help="folder of wheels for an offline install")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = parser.parse_args(argv)
+    ensure_installed(args.wheels)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: error: no CUDA device here; run it on a GPU machine", file=sys.stderr)
+        return 2
+    if not Path(args.data).is_file():
+        print(f"gpu_check: error: {args.data} not found; pass --data FILE", file=sys.stderr)
+        return 2
+    started = time.time()
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        env = {**os.environ, "TERNARYLM_HOME": str(d / "home"),
+               "MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}"}
+        out = {"device": torch.cuda.get_device_name(0)}
+        tokens = 64 * 256
+        runs = {}
+        for plan in ("fp", "all_ternary"):
+            runs[plan] = train(trial_yaml(d, plan, args.data, args.steps, args.tokenizer), env)
+            out[plan] = figures(runs[plan], tokens)
+            print(json.dumps({plan: out[plan]}), flush=True)
+        out["ternary_fp_step_ratio"] = out["all_ternary"]["step_s"] / out["fp"]["step_s"]
+        print(json.dumps({"ternary_fp_step_ratio": out["ternary_fp_step_ratio"]}), flush=True)
+        packed = d / "packed.safetensors"
+        subprocess.run(["ternarylm", "pack", runs["all_ternary"]["run_id"], "--out",
+                        str(packed)], env=env, check=True, capture_output=True)
+        from ternarylm.footprint import decode_times
+
+        times = decode_times([packed], args.decode_tokens, threads=1)[0]
+        out["packed_decode_ms_per_token_1_thread"] = sorted(times)[len(times) // 2]
+        out["packed_bytes"] = packed.stat().st_size
+        print(json.dumps({k: out[k] for k in ("packed_bytes",
+                                              "packed_decode_ms_per_token_1_thread")}))
+    out["wall_s"] = time.time() - started
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

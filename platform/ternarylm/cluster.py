@@ -1,0 +1,284 @@
+"""The Ray cluster trials and studies run on: joining or starting it, watching that it stays,
+its capacity, and the checkpoint storage its nodes share."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ternarylm import tracking
+from ternarylm.config import ConfigError, TrialConfig, ternarylm_home
+
+DRIVER_RESOURCE = "trial_driver"  # a custom resource for trial drivers (Tune trials), no CPU
+
+
+def ray_address() -> str | None:
+    """The cluster to join: $RAY_ADDRESS, or the one `ray start` recorded on this machine if it
+    still answers; None for a local cluster of our own.
+
+    A recorded cluster that died since (crash, OOM kill) is not waited on, as Ray would for
+    minutes; an explicit $RAY_ADDRESS where nothing answers is an error.
+    """
+    from ray._private.services import canonicalize_bootstrap_address
+
+    explicit = os.environ.get("RAY_ADDRESS")
+    address = canonicalize_bootstrap_address(None)
+    if address is None or cluster_answers(address):
+        return address
+    if explicit:
+        raise ConfigError(f"RAY_ADDRESS={explicit}: no Ray cluster answers there; start it "
+                          f"(ray start --head) or unset RAY_ADDRESS to run on a local cluster")
+    print(f"ternarylm: the Ray cluster last started on this machine ({address}) no longer "
+          f"answers; starting a local cluster instead", file=sys.stderr, flush=True)
+    return None
+
+
+def connect_ray(address: str | None) -> str | None:
+    """Join the cluster at `address` (from `ray_address`), or start a local one; returns the
+    joined cluster's GCS address (None for a cluster of our own).
+
+    A cluster started here offers `trial_driver` slots, as the cluster configs' heads do, so
+    that trial drivers take no CPU from training workers: with 0.01 CPU each, two 1-CPU trials
+    would not fit on 2 cores.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return None
+    quiet = {"logging_level": logging.WARNING}  # errors on the console stay one line
+    if address is not None:
+        ray.init(address=address, **quiet)
+        return address
+    ray.init(address="local", resources={DRIVER_RESOURCE: 1000}, **quiet)
+    return None
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a local cluster's head)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_answers(address: str, timeout: float = 3.0) -> bool:
+    """Whether anything accepts connections at a cluster's GCS address (host:port)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def cluster_watch(address: str | None, uri: str, run_id: str, what: str, every: float = 5.0,
+                  misses: int = 3):
+    """While inside, a watcher process polls the joined cluster's GCS; after `misses` failed
+    polls in a row it ends the run and this process (`exit_lost_cluster`). An error raised
+    inside because the cluster is gone ends them the same way at once. A driver whose cluster
+    vanished would otherwise wait on it for a minute or more, in Ray calls (its shutdown
+    included) that a thread of ours could not interrupt."""
+    if address is None:  # a cluster of our own lives and dies with this process
+        yield
+        return
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "ternarylm.cluster", address, str(os.getpid()), uri, run_id,
+         what, str(every), str(misses)], stdin=subprocess.DEVNULL)
+    try:
+        yield
+    except Exception:
+        if not cluster_answers(address):
+            watcher.kill()  # one line, from here
+            exit_lost_cluster(address, os.getpid(), uri, run_id, what)
+        raise
+    finally:
+        watcher.terminate()
+        watcher.wait()
+
+
+def exit_lost_cluster(address: str, pid: int, uri: str, run_id: str, what: str) -> None:
+    """The run FAILED with the reason, one line on stderr, and process `pid` ended."""
+    reason = (f"the Ray cluster at {address} stopped answering during {what}; rerun the same "
+              f"command on a live cluster to resume from the last checkpoint")
+    with contextlib.suppress(Exception):  # the line and the exit matter more
+        tracking.quiet_mlflow()
+        tracking.end_run(uri, run_id, "FAILED", reason)
+    print(f"ternarylm: error: {reason}", file=sys.stderr, flush=True)
+    if pid == os.getpid():
+        os._exit(1)  # not sys.exit: Ray's shutdown would wait a minute on the lost cluster
+    os.kill(pid, signal.SIGKILL)
+
+
+def _watch(address: str, pid: int, uri: str, run_id: str, what: str, every: float,
+           misses: int) -> None:
+    """The watcher process of `cluster_watch`; returns when the driver `pid` is gone."""
+    missed = 0
+    while _alive(pid):
+        time.sleep(every)
+        missed = 0 if cluster_answers(address) else missed + 1
+        if missed >= misses and _alive(pid):
+            exit_lost_cluster(address, pid, uri, run_id, what)
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def check_capacity(trials: list[TrialConfig]) -> None:
+    """Every trial must fit the connected cluster, unless it autoscales."""
+    import ray
+
+    if autoscaling():
+        return
+    resources = ray.cluster_resources()
+    for t in trials:
+        t.check_capacity(resources)
+
+
+def autoscaling() -> bool:
+    """Whether the cluster adds nodes on demand (TERNARYLM_AUTOSCALING=1, set on its nodes)."""
+    return os.environ.get("TERNARYLM_AUTOSCALING") == "1"
+
+
+def describe_wait(pending: list[list[dict[str, float]]], free: dict[str, float]) -> str:
+    """One line on what pending worker groups (their bundles) wait for, e.g. "waiting for the
+    autoscaler: 2 worker groups need 1 x 1 CPU each; the cluster has 0 CPU free"."""
+    def amount(resources: dict[str, float]) -> str:
+        return " + ".join(f"{v:g} {k}" for k, v in sorted(resources.items()))
+
+    shapes: dict[str, int] = {}
+    for bundles in pending:
+        shape = " + ".join(sorted({f"{bundles.count(b)} x {amount(b)}" for b in bundles}))
+        shapes[shape] = shapes.get(shape, 0) + 1
+    need = "; ".join(f"{n} worker group{'s' if n > 1 else ''} need{'s' if n == 1 else ''} "
+                     f"{shape}{' each' if n > 1 else ''}" for shape, n in shapes.items())
+    names = sorted({k for bundles in pending for b in bundles for k in b})
+    has = ", ".join(f"{free.get(k, 0):g} {k}" for k in names)
+    return f"waiting for the autoscaler: {need}; the cluster has {has} free"
+
+
+def pending_worker_groups() -> list[list[dict[str, float]]]:
+    """The bundles of every placement group (a trial's worker group) the cluster cannot place
+    yet, on the connected cluster."""
+    from ray.util import placement_group_table
+
+    return [list(pg["bundles"].values()) for pg in placement_group_table().values()
+            if pg["state"] in ("PENDING", "RESCHEDULING")]
+
+
+def _fits(bundles: list[dict[str, float]], free: dict[str, float]) -> bool:
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for k, v in bundle.items():
+            need[k] = need.get(k, 0) + v
+    return all(free.get(k, 0) >= v for k, v in need.items())
+
+
+class NodeWait:
+    """While an autoscaling cluster has worker groups waiting for nodes, `line()` says what they
+    wait for (None otherwise): a study waiting for cloud nodes to boot must not look hung. It
+    looks every `every` seconds and speaks when the wait changes or, unchanged, every `repeat`
+    seconds."""
+
+    def __init__(self, every: float = 2.0, repeat: float = 30.0):
+        self.every, self.repeat = every, repeat
+        self._next = time.monotonic() + every
+        self._said, self._said_at = None, 0.0
+
+    def line(self) -> str | None:
+        now = time.monotonic()
+        if not autoscaling() or now < self._next:
+            return None
+        import ray
+
+        self._next = now + self.every
+        free = ray.available_resources()
+        # A group that fits what is free is being placed this moment, not waiting for nodes.
+        pending = [g for g in pending_worker_groups() if not _fits(g, free)]
+        if not pending:
+            self._said = None  # the wait is over; the next one is said at once
+            return None
+        line = describe_wait(pending, free)
+        if line == self._said and now - self._said_at < self.repeat:
+            return None
+        self._said, self._said_at = line, now
+        return line
+
+
+def session_processes(sid: int) -> list:
+    """Every live process of one process session: a local cluster whose head was started with
+    `start_new_session=True` holds all its processes (fake autoscaled nodes included) there."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+    return found
+
+
+def stop_session(sid: int, grace: float = 10.0) -> int:
+    """Stop a local cluster by the ids of its session's processes (never `ray stop`, which
+    stops every cluster on the machine): SIGTERM, SIGKILL after `grace` seconds. Returns how
+    many processes are left (0 when all are gone)."""
+    import psutil
+
+    procs = session_processes(sid)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    return len(session_processes(sid))
+
+
+def storage_path(cfg: TrialConfig) -> str:
+    path = cfg.storage_path or os.environ.get("TERNARYLM_STORAGE_PATH")
+    return path or str(ternarylm_home() / "runs")
+
+
+def check_storage(path: str) -> None:
+    """Refuse, before any run exists, checkpoint storage that cannot be written: a local
+    folder is created and written to; a URI (s3://, gs://, ...) must be reachable."""
+    if "://" in path and not path.startswith("file://"):
+        import pyarrow.fs
+
+        try:
+            fs, root = pyarrow.fs.FileSystem.from_uri(path)
+            fs.get_file_info(root)
+        except Exception as e:  # pyarrow raises OSError, ArrowInvalid, ... by scheme
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"storage_path {path} is not reachable ({first}); check the URI "
+                              f"and its credentials, or use a local folder") from None
+        return
+    folder = Path(path.removeprefix("file://")).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"storage_path {folder} is not writable ({e.strerror}); pick a folder "
+                          f"you can write to (--storage-path, storage_path or "
+                          f"$TERNARYLM_STORAGE_PATH)") from None
+
+
+if __name__ == "__main__":  # the watcher process of `cluster_watch`
+    _address, _pid, _uri, _run_id, _what, _every, _misses = sys.argv[1:]
+    _watch(_address, int(_pid), _uri, _run_id, _what, float(_every), int(_misses))

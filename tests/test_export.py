@@ -1,0 +1,541 @@
+"""Leaving the platform: Hugging Face and GGUF exports, and lm-evaluation-harness evaluation.
+
+Every model here is a small Llama-shaped TernaryLM (width 256, so q/k/v/o and gate/up rows are
+one TQ block long and the down projection's 683-long rows are not) trained a few AdamW steps on
+TinyStories with plain torch, so codes and scales are not those of initialisation, and saved
+with `save_trained` as a finished trial leaves it. Text for comparisons is real TinyStories text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from ternarylm.artifacts import save_trained
+from ternarylm.cli import main
+from ternarylm.config import TrialConfig
+from ternarylm.data import build_tokenizer, eos_id
+from ternarylm.model import ModelConfig, TernaryLM, apply_rope, rope_tables
+from ternarylm.plans import apply_plan
+from ternarylm.quantizers import QuantEmbedding, QuantLinear
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SEQ_LEN = 64
+NO_ACT_QUANT = {"preset": "all_ternary", "activation_bits": None}
+# Every weight format at once: int8 boundary blocks, int4 embedding, int8 head tied to the
+# embedding's latent weights (so the exported head is NOT the exported embedding).
+MIXED = {"preset": "boundary_int8", "first_k": 1, "last_k": 0, "embedding": "int4",
+         "head": "int8", "activation_bits": None}
+
+
+@pytest.fixture(scope="module")
+def corpus(tinystories) -> str:
+    return tinystories.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    return build_tokenizer("bpe:512", [corpus[:100_000]])
+
+
+def train_small(tokenizer, corpus: str, scheme: str, plan, *, tie_head: bool = False,
+                steps: int = 12, width: int = 256) -> tuple[TernaryLM, TrialConfig, dict]:
+    trial = TrialConfig(size="tiny", scheme=scheme, plan=plan, seq_len=SEQ_LEN, tie_head=tie_head)
+    torch.manual_seed(0)
+    cfg = ModelConfig(width=width, n_layers=2, n_heads=4, vocab_size=tokenizer.get_vocab_size(),
+                      seq_len=SEQ_LEN, tie_head=tie_head)
+    model = TernaryLM(cfg)
+    formats = apply_plan(model, trial.plan, scheme, cfg.n_layers)
+    ids = torch.tensor(tokenizer.encode(corpus[:30_000]).ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - SEQ_LEN - 1, (8, 1)) + torch.arange(SEQ_LEN + 1)
+        loss = model.loss(ids[starts[:, :-1]], ids[starts[:, 1:]])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), trial, formats
+
+
+def trained_dir(path, tokenizer, corpus, scheme="absmean", plan=NO_ACT_QUANT, **kw):
+    model, trial, formats = train_small(tokenizer, corpus, scheme, plan, **kw)
+    return model, save_trained(path, model, trial, formats, tokenizer, eos_id(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, tokenizer, corpus):
+    """(model, trained-model directory): absmean, all ternary, activation quantization off."""
+    return trained_dir(tmp_path_factory.mktemp("small") / "model", tokenizer, corpus)
+
+
+def story_ids(tokenizer, corpus: str, n: int = SEQ_LEN, offset: int = 50_000) -> list[int]:
+    """n tokens of real TinyStories text from beyond the training slice."""
+    return tokenizer.encode(corpus[offset:offset + 20 * n]).ids[:n]
+
+
+def our_greedy(model: TernaryLM, prompt: list[int], n: int, eos: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([ids[-SEQ_LEN:]]))[0, -1].argmax())
+            if token == eos:
+                break
+            ids.append(token)
+    return ids[len(prompt):]
+
+
+# --- Hugging Face ------------------------------------------------------------------------------
+
+def test_rope_is_transformers_half_rotation():
+    """Our apply_rope equals transformers' Llama RoPE (rotate_half), not the interleaved one."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    B, H, T, D = 2, 4, 16, 32
+    q, k = torch.randn(2, B, H, T, D, generator=torch.Generator().manual_seed(0))
+    cos, sin = rope_tables(T, D, 10000.0)
+    config = LlamaConfig(hidden_size=H * D, num_attention_heads=H, max_position_embeddings=T,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    hf_cos, hf_sin = LlamaRotaryEmbedding(config)(q, torch.arange(T)[None].expand(B, T))
+    hq, hk = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
+    torch.testing.assert_close(apply_rope(q, cos, sin), hq, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(apply_rope(k, cos, sin), hk, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["all_ternary", "mixed_tied"])
+def test_hf_export_matches_our_logits_and_greedy_text(case, tmp_path, tokenizer, corpus, small):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if case == "all_ternary":
+        model, directory = small
+    else:
+        model, directory = trained_dir(tmp_path / "model", tokenizer, corpus, "learned", MIXED,
+                                       tie_head=True)
+        assert isinstance(model.embed, QuantEmbedding) and isinstance(model.head, QuantLinear)
+    out = tmp_path / "hf"
+    assert main(["export", str(directory), str(out), "--format", "hf"]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] == model.cfg.mlp_hidden == 683
+    assert config["rms_norm_eps"] == 1e-6 and config["max_position_embeddings"] == SEQ_LEN
+    # A head tied to a differently quantized embedding cannot stay tied.
+    assert config["tie_word_embeddings"] is False
+    assert "activation" in config["quantization_note"]
+
+    text = tokenizer.decode(story_ids(tokenizer, corpus))
+    ids = hf_tok(text).input_ids[:SEQ_LEN]
+    assert ids == tokenizer.encode(text).ids[:SEQ_LEN]  # the same tokenizer, loaded by HF
+    assert hf_tok.eos_token_id == eos_id(tokenizer)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+    assert (ours - theirs).abs().max() < 1e-4
+
+    prompt = ids[:20]
+    with torch.no_grad():
+        hf_new = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)
+    hf_new = hf_new[0, len(prompt):].tolist()
+    ours_new = our_greedy(model, prompt, 20, eos_id(tokenizer))
+    assert len(ours_new) > 0 and hf_new[:len(ours_new)] == ours_new
+    assert hf_new[len(ours_new):] in ([], [eos_id(tokenizer)])
+
+
+def test_hf_export_needs_no_qk_permutation(small, tmp_path, tokenizer, corpus):
+    """The logits test can see a RoPE layout mismatch: llama.cpp's permutation breaks it."""
+    from transformers import AutoModelForCausalLM
+
+    from ternarylm.export import export_hf, permute_rope
+
+    model, directory = small
+    export_hf(str(directory), tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.copy_(permute_rope(proj.weight, model.cfg.n_heads))
+        x = torch.tensor([story_ids(tokenizer, corpus)])
+        assert (model(x) - hf(x).logits).abs().max() > 1e-2
+
+
+def test_hf_model_card_and_activation_caveat(tmp_path, tokenizer, corpus):
+    from ternarylm.export import export_hf
+
+    _, directory = trained_dir(tmp_path / "model", tokenizer, corpus, "absmean", "all_ternary",
+                               steps=2)
+    result = export_hf(str(directory), tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "does not quantize activations" in result.quantization_note
+    assert "8 bits per token" in result.quantization_note
+    assert result.quantization_note in card and '"scheme": "absmean"' in card
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "README.md"} <= set(result.files)
+
+
+# --- GGUF --------------------------------------------------------------------------------------
+
+def gguf_fields(reader) -> dict:
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def gguf_tensors(reader) -> dict[str, tuple[str, np.ndarray]]:
+    from gguf import quants
+
+    return {t.name: (t.tensor_type.name, quants.dequantize(t.data, t.tensor_type))
+            for t in reader.tensors}
+
+
+@pytest.mark.parametrize("qtype", ["tq2_0", "tq1_0"])
+def test_gguf_stores_codes_times_fp16_scale(qtype, small, tmp_path, tokenizer, corpus, capfd):
+    import gguf
+
+    from ternarylm.export import exported_layers, gguf_tensor_name, permute_rope
+
+    model, directory = small
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(directory), str(out), "--format", "gguf", "--type", qtype]) == 0
+    printed = capfd.readouterr()
+    assert "fell back: blk.0.ffn_down.weight" in printed.err  # 683-long rows
+    assert json.loads(printed.out.strip().splitlines()[-1])["fell_back"]
+
+    reader = gguf.GGUFReader(out)
+    tensors = gguf_tensors(reader)
+    cfg, n_heads = model.cfg, model.cfg.n_heads
+    ternary = 0
+    for name, layer in exported_layers(model).items():
+        gname = gguf_tensor_name(name)
+        kind, values = tensors[gname]
+        assert list(values.shape) == list(layer.weight.shape), gname
+        if layer.quantized is None or name.endswith("mlp.down"):
+            assert kind in ("F16", "F32"), gname
+            continue
+        assert kind == qtype.upper(), gname
+        codes, scale = layer.quantized.codes.float(), layer.quantized.scale.float()
+        want = codes * scale.to(torch.float16).float()  # codes exactly, the scale in fp16
+        if name.endswith(("attn.q", "attn.k")):
+            want = permute_rope(want, n_heads)
+        assert torch.equal(torch.from_numpy(values.astype(np.float32)), want), gname
+        ternary += 1
+    assert ternary == cfg.n_layers * 6
+
+    fields = gguf_fields(reader)
+    assert fields["general.architecture"] == "llama"
+    assert fields["llama.context_length"] == SEQ_LEN
+    assert fields["llama.embedding_length"] == cfg.width
+    assert fields["llama.block_count"] == cfg.n_layers
+    assert fields["llama.feed_forward_length"] == cfg.mlp_hidden
+    assert fields["llama.attention.head_count"] == fields["llama.attention.head_count_kv"] == 4
+    assert fields["llama.rope.dimension_count"] == cfg.width // n_heads
+    assert fields["llama.rope.freq_base"] == cfg.rope_base
+    assert abs(fields["llama.attention.layer_norm_rms_epsilon"] - 1e-6) < 1e-12
+    assert fields["llama.vocab_size"] == cfg.vocab_size
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == cfg.vocab_size
+    assert all(tokens[i] == tokenizer.id_to_token(i) for i in range(cfg.vocab_size))
+    assert fields["tokenizer.ggml.eos_token_id"] == eos_id(tokenizer)
+    assert fields["tokenizer.ggml.token_type"][eos_id(tokenizer)] == 3  # control
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    assert fields["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
+    # llama.cpp's gpt2 model from these tokens and merges: byte-level BPE, GPT-2's regex.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    pairs = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"]]
+    rebuilt = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs))
+    rebuilt.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = corpus[50_000:60_000]
+    assert rebuilt.encode(text).ids == tokenizer.encode(text).ids
+    assert "activation" in fields["ternarylm.quantization_note"]
+
+
+def llama_cpp_forward(tensors: dict[str, np.ndarray], ids: list[int], n_heads: int,
+                      n_layers: int, eps: float, base: float) -> np.ndarray:
+    """llama.cpp's llama graph in numpy (fp64): RMSNorm, RoPE on ADJACENT pairs (ggml's normal
+    mode), causal softmax attention, SwiGLU, and output.weight or else the tied token_embd."""
+    x = tensors["token_embd.weight"][ids].astype(np.float64)
+    T, C = x.shape
+    D = C // n_heads
+    theta = np.arange(T)[:, None] * base ** (-np.arange(0, D, 2) / D)
+    cos, sin = np.cos(theta)[:, None], np.sin(theta)[:, None]  # [T, 1, D/2]
+
+    def norm(v, w):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + eps) * w
+
+    def rope(v):
+        out = np.empty_like(v)
+        out[..., 0::2] = v[..., 0::2] * cos - v[..., 1::2] * sin
+        out[..., 1::2] = v[..., 0::2] * sin + v[..., 1::2] * cos
+        return out
+
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for i in range(n_layers):
+        w = {k.split(".")[2]: v for k, v in tensors.items() if k.startswith(f"blk.{i}.")}
+        h = norm(x, w["attn_norm"])
+        q = rope((h @ w["attn_q"].T).reshape(T, n_heads, D))
+        k = rope((h @ w["attn_k"].T).reshape(T, n_heads, D))
+        v = (h @ w["attn_v"].T).reshape(T, n_heads, D)
+        att = np.einsum("thd,shd->hts", q, k) / np.sqrt(D) + mask
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        x = x + np.einsum("hts,shd->thd", att, v).reshape(T, C) @ w["attn_output"].T
+        h = norm(x, w["ffn_norm"])
+        gate = h @ w["ffn_gate"].T
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ w["ffn_up"].T)) @ w["ffn_down"].T
+    head = tensors.get("output.weight", tensors["token_embd.weight"])
+    return norm(x, tensors["output_norm.weight"]) @ head.T
+
+
+@pytest.mark.parametrize("tie_head", [False, True])
+def test_gguf_runs_as_llama_cpp_would(tie_head, small, tmp_path, tokenizer, corpus):
+    """The GGUF's tensors in llama.cpp's graph give our logits (to fp16 rounding), which they do
+    only with llama.cpp's q/k permutation: without it, RoPE pairs the wrong dimensions."""
+    import gguf
+
+    from ternarylm.export import export_gguf
+
+    if tie_head:
+        model, directory = trained_dir(tmp_path / "model", tokenizer, corpus, tie_head=True)
+    else:
+        model, directory = small
+    export_gguf(str(directory), tmp_path / "m.gguf", "tq2_0", fallback="q8_0")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    kinds = {name: kind for name, (kind, _) in gguf_tensors(reader).items()}
+    assert kinds["token_embd.weight"] == "Q8_0" and kinds["blk.1.attn_q.weight"] == "TQ2_0"
+    assert kinds["blk.1.ffn_down.weight"] == "F16"  # 683-long rows: not even Q8_0's 32 fit
+    assert ("output.weight" in kinds) == (not tie_head)
+    tensors = {name: values for name, (_, values) in gguf_tensors(reader).items()}
+    ids = story_ids(tokenizer, corpus)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].double().numpy()
+    cfg = model.cfg
+    args = (ids, cfg.n_heads, cfg.n_layers, 1e-6, cfg.rope_base)
+
+    def rel(a):
+        return np.linalg.norm(a - ours) / np.linalg.norm(ours)
+
+    theirs = llama_cpp_forward(tensors, *args)
+    assert rel(theirs) < 1e-2  # q8_0 embedding, head and down projection; fp16 scales
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
+    H = cfg.n_heads
+    unpermuted = dict(tensors)
+    for i in range(cfg.n_layers):
+        for part in ("attn_q", "attn_k"):
+            w = tensors[f"blk.{i}.{part}.weight"]
+            unpermuted[f"blk.{i}.{part}.weight"] = (
+                w.reshape(H, -1, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape))
+    assert rel(llama_cpp_forward(unpermuted, *args)) > 5 * rel(theirs)
+
+
+def test_gguf_f16_type(small, tmp_path):
+    import gguf
+
+    from ternarylm.export import export_gguf
+
+    result = export_gguf(str(small[1]), tmp_path / "m.gguf", "f16")
+    assert not result.fell_back
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert set(kinds.values()) == {"F16", "F32"}
+    assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["blk.0.attn_q.weight"] == "F16"
+
+
+def wordpiece_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["[UNK]", "[SEP]", "the", "cat", "##s", "sat"])}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tok
+
+
+def test_gguf_vocab_pads_rows_beyond_the_tokenizer(tokenizer):
+    from ternarylm.export import gguf_vocab
+
+    n = tokenizer.get_vocab_size()
+    tokens, types, merges = gguf_vocab(tokenizer, n + 3)
+    assert tokens[:n] == [tokenizer.id_to_token(i) for i in range(n)]
+    assert tokens[n:] == [f"[PAD{i}]" for i in range(n, n + 3)] and types[n:] == [5, 5, 5]
+    assert types[eos_id(tokenizer)] == 3 and set(types[:n]) == {1, 3}
+    assert merges and all(len(m.split(" ")) == 2 for m in merges)
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "char"])
+def test_gguf_refuses_tokenizers_llama_cpp_cannot_represent(kind, tmp_path, corpus, capsys):
+    tok = wordpiece_tokenizer() if kind == "wordpiece" else build_tokenizer("char", [])
+    trial = TrialConfig(size="tiny", plan=NO_ACT_QUANT, seq_len=SEQ_LEN)
+    model = TernaryLM(ModelConfig(width=64, n_layers=1, n_heads=2, seq_len=SEQ_LEN,
+                                  vocab_size=tok.get_vocab_size()))
+    formats = apply_plan(model, trial.plan, trial.scheme, 1)
+    directory = save_trained(tmp_path / "model", model, trial, formats, tok, eos_id(tok))
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(directory), str(out), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot export this tokenizer to GGUF" in err
+    assert ("WordPiece" in err) if kind == "wordpiece" else ("no BPE merges" in err)
+    assert not out.exists()
+
+
+# --- lm-evaluation-harness ---------------------------------------------------------------------
+
+class Request:
+    """What the adapter reads of a harness `Instance`: its args."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+def our_logprob(forward, ids: list[int], n_cont: int) -> tuple[float, bool]:
+    """log P(last n_cont tokens | the ones before) and whether each is the argmax."""
+    with torch.no_grad():
+        logits = forward(torch.tensor([ids[:-1]]))[0].float()
+    lp = torch.log_softmax(logits, -1)[-n_cont:]
+    target = torch.tensor(ids[-n_cont:])
+    return float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_harness_loglikelihoods_are_our_log_probs(packed, small, tokenizer, corpus):
+    from ternarylm.harness import TernaryHarnessLM, load_eval_model
+
+    model, directory = small
+    lm = TernaryHarnessLM(model=load_eval_model(str(directory), packed=packed), batch_size=3)
+    forward = lm.model.forward if packed else model
+    eos = eos_id(tokenizer)
+    sentences = [s for s in re.split(r"(?<=\.) ", corpus[60_000:70_000]) if 40 < len(s) < 160][:5]
+    requests = []
+    for s in sentences:
+        cut = s.rfind(" ", 0, len(s) // 2)
+        requests.append(Request(s[:cut], s[cut:]))
+    requests.append(Request("", "Once upon a time"))  # empty context: conditioned on eos alone
+    requests.append(Request("Lily went to the park. ", "She"))  # trailing space moves over
+    got = lm.loglikelihood(requests)
+    for req, (lp, greedy) in zip(requests, got):
+        context, continuation = req.args
+        ctx = tokenizer.encode(context.rstrip(" ")).ids
+        whole = tokenizer.encode(context + continuation).ids
+        want_lp, want_greedy = our_logprob(forward, [eos, *whole], len(whole) - len(ctx))
+        assert lp == pytest.approx(want_lp, abs=1e-4) and greedy == want_greedy
+        assert lp < 0
+    # Rolling: a text shorter than the context is one window after eos.
+    text = sentences[0]
+    ids = tokenizer.encode(text).ids
+    (rolling,) = lm.loglikelihood_rolling([Request(text)])
+    assert rolling == pytest.approx(our_logprob(forward, [eos, *ids], len(ids))[0], abs=1e-4)
+    # Longer than the context: every token predicted once, each window a full context.
+    long_ids = tokenizer.encode(corpus[80_000:81_500]).ids
+    assert len(long_ids) > 2 * SEQ_LEN
+    stream, want, start = [eos, *long_ids], 0.0, 0
+    while start < len(long_ids):  # targets long_ids[start:end] == stream[start + 1:end + 1]
+        end = min(start + SEQ_LEN, len(long_ids))
+        want += our_logprob(forward, stream[max(0, end - SEQ_LEN):end + 1], end - start)[0]
+        start = end
+    (long_lp,) = lm.loglikelihood_rolling([Request(corpus[80_000:81_500])])
+    assert long_lp == pytest.approx(want, abs=1e-3)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_harness_generate_until_is_greedy_and_stops(packed, small, tokenizer):
+    from ternarylm.harness import TernaryHarnessLM, load_eval_model
+
+    model, directory = small
+    lm = TernaryHarnessLM(model=load_eval_model(str(directory), packed=packed))
+    eos = eos_id(tokenizer)
+    prompt = "Once upon a time, there was a little"
+    want = tokenizer.decode(our_greedy(model, [eos, *tokenizer.encode(prompt).ids], 12, eos))
+    (free,) = lm.generate_until([Request(prompt, {"until": [], "max_gen_toks": 12})])
+    assert free == want, (free, want)
+    assert len(want) >= 4
+    stop = want[len(want) // 2:len(want) // 2 + 2]
+    (cut,) = lm.generate_until([Request(prompt, {"until": [stop], "max_gen_toks": 12})])
+    assert cut == want[:want.index(stop)]
+
+
+def write_tasks(directory, corpus: str) -> None:
+    """Three offline tasks on local jsonl files: multiple choice, perplexity and generation."""
+    sentences = [s for s in re.split(r"(?<=\.) ", corpus[90_000:110_000]) if 40 < len(s) < 160]
+    sentences = sentences[:12]
+    with open(directory / "mc.jsonl", "w") as f:
+        for i, s in enumerate(sentences):
+            words, other = s.split(), sentences[(i + 5) % len(sentences)].split()
+            half = len(words) // 2
+            f.write(json.dumps({"context": " ".join(words[:half]),
+                                "choices": [" " + " ".join(words[half:]),
+                                            " " + " ".join(other[len(other) // 2:])],
+                                "label": 0}) + "\n")
+    with open(directory / "text.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": s}) + "\n" for s in sentences)
+    common = "dataset_path: json\ntest_split: test\n"
+    (directory / "mc.yaml").write_text(
+        f"task: stories_mc\n{common}dataset_kwargs:\n  data_files:\n"
+        f"    test: {directory / 'mc.jsonl'}\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    (directory / "ppl.yaml").write_text(
+        f"task: stories_ppl\n{common}dataset_kwargs:\n  data_files:\n"
+        f"    test: {directory / 'text.jsonl'}\noutput_type: loglikelihood_rolling\n"
+        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n"
+        "  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+    (directory / "gen.yaml").write_text(
+        f"task: stories_gen\n{common}dataset_kwargs:\n  data_files:\n"
+        f"    test: {directory / 'mc.jsonl'}\noutput_type: generate_until\n"
+        "doc_to_text: '{{context}}'\ndoc_to_target: '{{choices[0]}}'\n"
+        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 8\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+
+
+def test_eval_local_jsonl_tasks_through_simple_evaluate(small, tmp_path, corpus, capsys):
+    from ternarylm.packing import pack
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_tasks(tasks, corpus)
+    assert main(["eval", str(small[1]), "--tasks", "stories_mc,stories_ppl,stories_gen",
+                 "--include-path", str(tasks), "--limit", "6"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = summary["metrics"]
+    assert 0 <= metrics["eval/stories_mc/acc"] <= 1
+    assert metrics["eval/stories_ppl/bits_per_byte"] > 0
+    assert 0 <= metrics["eval/stories_gen/exact_match"] <= 1
+    assert summary["run_id"] is None  # a directory has no run to log to
+    packed = pack(str(small[1]), tmp_path / "model.packed.safetensors").path
+    assert main(["eval", str(packed), "--tasks", "stories_mc", "--include-path", str(tasks),
+                 "--limit", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["packed"] and summary["model"]["weights"] == "packed"
+    assert summary["run_id"] is None  # packed from a directory: no run to log to
+    assert main(["eval", str(small[1]), "--tasks", "no_such_task", "--include-path",
+                 str(tasks)]) == 2
+
+
+def test_run_sources_eval_child_run_and_model_card(small, tmp_path, corpus, mlflow_uri):
+    """From a run id: eval results become its child run; the HF model card shows its metrics."""
+    from ternarylm import tracking
+    from ternarylm.artifacts import ARTIFACT_PATH
+    from ternarylm.export import export_hf
+    from ternarylm.harness import evaluate
+    from ternarylm.packing import pack
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_tasks(tasks, corpus)
+    experiment = tracking.ensure_experiment("export-test", mlflow_uri)
+    parent = tracking.start_run(mlflow_uri, experiment, "pretrain", {})
+    tracking.log_artifact(mlflow_uri, parent, small[1], ARTIFACT_PATH)
+    tracking.client(mlflow_uri).log_metric(parent, "val/loss", 3.25, step=12)
+    tracking.end_run(mlflow_uri, parent)
+    export_hf(parent, tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "## Final metrics" in card and "| val/loss | 3.25 |" in card and parent in card
+    pack(parent, tmp_path / "logged.packed.safetensors")  # logged to the run under packed/
+    summary = evaluate(parent, "stories_mc", include_path=tasks, limit=4, packed=True)
+    assert summary["model"]["file"] == f"{parent}/packed/logged.packed.safetensors"
+    child = tracking.client(mlflow_uri).get_run(summary["run_id"])
+    assert child.data.tags[tracking.PARENT_TAG] == parent
+    assert child.info.experiment_id == experiment and child.info.status == "FINISHED"
+    assert child.data.metrics["eval/stories_mc/acc"] == summary["metrics"]["eval/stories_mc/acc"]
+    assert child.data.params["eval.weights"] == "packed"
