@@ -3,8 +3,9 @@
 The model is a finished trial (`--source RUN_ID|DIR`) or, without one, a model of `--size`
 built here with a byte-level BPE tokenizer trained on the text file, its weights random or
 trained `--train-steps` AdamW steps on the same text. It is exported with `ternarylm export
---format gguf --type tq2_0` (q8_0 for what falls back, as llama.cpp's own TQ2_0 files keep
-embedding and head) and packed with `ternarylm pack` (int8 embedding and head), then:
+--format gguf --type tq2_0 --fallback q8_0 --pad-ffn` (every block linear TQ2_0, the MLP hidden
+size zero-padded to a multiple of 256; embedding and head q8_0, as llama.cpp's own TQ2_0 files
+keep them) and packed with `ternarylm pack` (int8 embedding and head), then:
 
   perplexity   over the text file in disjoint windows of the model's context, llama.cpp
                (llama-cpp-python, logits of every position) and our packed model;
@@ -52,7 +53,8 @@ from ternarylm.config import TrialConfig  # noqa: E402
 from ternarylm.data import build_tokenizer, eos_id  # noqa: E402
 from ternarylm.export import export_gguf  # noqa: E402
 from ternarylm.model import TernaryLM, model_config  # noqa: E402
-from ternarylm.packing import load_packed, pack_model  # noqa: E402
+from ternarylm.inference import load_packed  # noqa: E402
+from ternarylm.packing import pack_model  # noqa: E402
 from ternarylm.plans import apply_plan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +236,7 @@ def main() -> None:
             note = "(given)"
         else:
             gguf_path = d / "model.gguf"
-            result = export_gguf(source, gguf_path, "tq2_0", fallback="q8_0")
+            result = export_gguf(source, gguf_path, "tq2_0", fallback="q8_0", pad_ffn=True)
             note = result.note()
         trained = load_trained(source)  # packed here: `pack` would log the file to a run
         packed_path = pack_model(trained.model, d / "model.packed.safetensors",

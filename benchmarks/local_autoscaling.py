@@ -17,7 +17,8 @@ user on this machine), uses the fixed port 6379, and reads an example.yaml that 
 not ship. The cluster here has its own ports and temp folder, lives in its own process session,
 and is stopped by the ids of that session's processes only.
 
-With --reclaim, once the trial has checkpointed, the node that runs a training worker vanishes
+With --reclaim, once the study has printed the result of step N (--reclaim-after-step, so Ray
+Train has registered that step's checkpoint), a node that runs a training worker vanishes
 (its raylet and every process on it SIGKILLed, as when a cloud reclaims a spot instance): Ray
 Train restarts the worker group (`max_failures`), the autoscaler launches a node for it and
 terminates the silent one through the provider, and the trial resumes from its last checkpoint

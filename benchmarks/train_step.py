@@ -1,18 +1,25 @@
-"""Step time of simulated ternary training against full precision.
+"""Step time of simulated ternary training against full precision, on the worker's real step.
 
-Builds the same model twice, once under the `fp` plan and once under `all_ternary` (absmean by
-default), and times a full training step (forward, backward, AdamW) of each, interleaved so
-that both see the same machine load: warmup steps first, then alternating timed steps, medians
-reported. The goal is a ternary / FP ratio of at most 1.10.
+For each size, builds two DeepSpeed engines exactly as a Ray Train worker does
+(`ternarylm.train.build_engine`: the trial's model under its plan, AdamW with the trial's
+parameter groups and schedule, `deepspeed_config`, ZeRO stage 1, fp32 on CPU), one under the
+`fp` plan and one under `all_ternary` (absmean by default), in a one-process gloo group. One
+step is what `_Loop._train_step` runs: engine forward, cross-entropy, `engine.backward`,
+`engine.step`. The two engines alternate step by step in one run (so both see the same machine
+load), warmup steps first; medians and ternary / FP ratios are reported. Goal: ratio <= 1.10.
 
-    python benchmarks/train_step.py                      # CPU: mini and small, V=8192, T=256, B=8
-    python benchmarks/train_step.py --json               # last line: one JSON object
-    python benchmarks/train_step.py --device cuda        # bf16 autocast on a GPU
-    python benchmarks/train_step.py --profile            # where the ternary step spends its time
+Shapes (batch x tokens per step, as a 2-CPU worker trains them; V = 256, a byte/char-level
+vocabulary, where the floating-point head weighs least and fake quantization shows most):
+    micro  12 x 64   (the shape of issue 16: width 128, 4 blocks)
+    mini   12 x 128
+    small   8 x 256
+
+    python benchmarks/train_step.py                     # micro, mini, small on 2 threads
+    python benchmarks/train_step.py --json              # last line: one JSON object
+    python benchmarks/train_step.py --profile           # where each step spends its time
 
 On a machine other jobs are using, OpenMP's spinning threads make multi-threaded wall times
-swing by several x; `--threads 1 --clock cpu` (CPU time of this process) stays within a few
-percent, and OMP_WAIT_POLICY=PASSIVE steadies multi-threaded runs.
+swing; OMP_WAIT_POLICY=PASSIVE steadies them, and interleaving keeps the ratio fair.
 """
 
 from __future__ import annotations
@@ -24,64 +31,63 @@ import sys
 # `tokenize` (imported by inspect, hence by torch) when this file is run as a script.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     del sys.path[0]
+# DeepSpeed picks its accelerator at import, as on a CPU worker.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import argparse
 import json
+import socket
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
-from ternarylm.model import TernaryLM, model_config
-from ternarylm.plans import apply_plan, preset
+import torch.distributed as dist
+import torch.nn.functional as F
+from ternarylm.config import TrialConfig
 from ternarylm.quantizers import TERNARY_SCHEMES
+from ternarylm.train import build_engine
+
+# size -> (micro batch, sequence length) a 2-CPU worker trains it with.
+SHAPES = {"micro": (12, 64), "mini": (12, 128), "small": (8, 256)}
 
 
-def core_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+def init_single_process_group() -> None:
+    """A one-rank gloo group, what Ray Train gives a lone CPU worker."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                      LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-class Trainer:
-    """One model, its optimizer and a fixed batch; `step()` runs and times one training step."""
+class Engine:
+    """One trial's DeepSpeed engine and a fixed batch; `step()` runs and times one step."""
 
-    def __init__(self, size: str, plan: str, scheme: str, args: argparse.Namespace) -> None:
-        self.device = torch.device(args.device)
-        cfg = model_config(size, vocab_size=args.vocab, seq_len=args.seq_len)
-        torch.manual_seed(0)
-        model = TernaryLM(cfg)
-        apply_plan(model, preset(plan), scheme, cfg.n_layers)
-        self.model = model.to(self.device).train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.1,
-                                     **({"fused": True} if self.device.type == "cuda" else {}))
+    def __init__(self, size: str, plan: str, args: argparse.Namespace) -> None:
+        batch, seq_len = SHAPES[size]
+        self.cfg = TrialConfig(size=size, scheme=args.scheme, plan=plan, seq_len=seq_len,
+                               train={"micro_batch": batch, "steps": 10 ** 6},
+                               cpus_per_worker=args.threads)
+        self.engine, _ = build_engine(self.cfg, args.vocab, torch.device("cpu"), bf16=False)
         g = torch.Generator().manual_seed(1)
-        tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=g)
-        self.x, self.y = tokens[:, :-1].to(self.device), tokens[:, 1:].to(self.device)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.device.type == "cuda" else nullcontext())
+        tokens = torch.randint(0, args.vocab, (batch, seq_len + 1), generator=g)
+        self.x, self.y = tokens[:, :-1], tokens[:, 1:]
         self.times: list[float] = []
-        # wall: elapsed time. cpu: CPU time of this process (all its threads), which other
-        # processes competing for the cores inflate far less than wall time; use it with
-        # --threads 1 on a shared machine (more threads add their spin-waiting to it).
-        self.clock = time.process_time if args.clock == "cpu" else time.perf_counter
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def step(self, record: bool = True) -> None:
-        self._sync()
-        start = self.clock()
-        self.opt.zero_grad(set_to_none=True)
-        with self.autocast:
-            loss = self.model.loss(self.x, self.y)
-        loss.backward()
-        self.opt.step()
-        self._sync()
+        """One micro step of `ternarylm.train._Loop._train_step` (grad_accum = 1)."""
+        start = time.perf_counter()
+        logits = self.engine(self.x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), self.y.flatten(),
+                               label_smoothing=self.cfg.train.label_smoothing)
+        self.engine.backward(loss)
+        self.engine.step()
+        loss.item()  # the loop reads the loss every step
         if record:
-            self.times.append(self.clock() - start)
+            self.times.append(time.perf_counter() - start)
 
     @property
     def median(self) -> float:
@@ -89,84 +95,68 @@ class Trainer:
 
 
 def measure(size: str, args: argparse.Namespace) -> dict:
-    fp = Trainer(size, "fp", args.scheme, args)
-    ternary = Trainer(size, "all_ternary", args.scheme, args)
+    fp, ternary = Engine(size, "fp", args), Engine(size, "all_ternary", args)
     pair = (fp, ternary)
     for _ in range(args.warmup):
-        for t in pair:
-            t.step(record=False)
+        for e in pair:
+            e.step(record=False)
     for i in range(args.steps):
-        for t in (pair if i % 2 == 0 else pair[::-1]):  # alternate which goes first
-            t.step()
-    row = {"size": size, "fp_step_s": round(fp.median, 5),
-           "ternary_step_s": round(ternary.median, 5),
+        for e in (pair if i % 2 == 0 else pair[::-1]):  # alternate which goes first
+            e.step()
+    batch, seq_len = SHAPES[size]
+    row = {"size": size, "batch": batch, "seq_len": seq_len,
+           "fp_step_s": round(fp.median, 5), "ternary_step_s": round(ternary.median, 5),
            "ratio": round(ternary.median / fp.median, 4),
            # the fastest steps: the least disturbed by other jobs on a shared machine
            "fp_min_s": round(min(fp.times), 5), "ternary_min_s": round(min(ternary.times), 5)}
     if not args.json:
-        def spread(t: Trainer) -> str:
-            return f"[{min(t.times):.3f}, {max(t.times):.3f}]"
-
-        print(f"{size:>8}: fp {fp.median:.4f}s {spread(fp)}  ternary {ternary.median:.4f}s "
-              f"{spread(ternary)}  ratio {row['ratio']:.3f}", flush=True)
+        print(f"{size:>6} {batch}x{seq_len}: fp {fp.median * 1e3:.2f} ms  ternary "
+              f"{ternary.median * 1e3:.2f} ms  ratio {row['ratio']:.3f}  (min: fp "
+              f"{min(fp.times) * 1e3:.2f}, ternary {min(ternary.times) * 1e3:.2f})", flush=True)
     if args.profile:
-        profile(ternary, fp, size)
+        profile(pair, size)
     return row
 
 
-def profile(ternary: Trainer, fp: Trainer, size: str) -> None:
+def profile(pair: tuple[Engine, Engine], size: str) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    activities = [ProfilerActivity.CPU]
-    if ternary.device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    sort = "self_cuda_time_total" if ternary.device.type == "cuda" else "self_cpu_time_total"
-    for name, trainer in (("ternary", ternary), ("fp", fp)):
-        with torch_profile(activities=activities) as prof:
-            for _ in range(3):
-                trainer.step(record=False)
-        print(f"\n=== {size} {name}: 3 steps, top ops by self time ===", file=sys.stderr)
-        print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
+    for name, engine in zip(("fp", "ternary"), pair):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                engine.step(record=False)
+        print(f"\n=== {size} {name}: 10 steps, top ops by self CPU time ===", file=sys.stderr)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30),
+              file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["mini", "small"])
+    parser.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--scheme", default="absmean", choices=TERNARY_SCHEMES)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per model")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, default=core_count(),
-                        help="torch intra-op threads (default: the cores this process may use)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="what a step's time is: elapsed (default) or process CPU time "
-                             "(steadier on a machine shared with other jobs)")
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per engine")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per engine")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch intra-op threads (a worker's cpus_per_worker; default 2)")
     parser.add_argument("--profile", action="store_true",
-                        help="after timing, profile 3 steps of each model (tables on stderr)")
+                        help="after timing, profile 10 steps of each engine (tables on stderr)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    if args.clock == "cpu" and not args.device.startswith("cpu"):
-        parser.error("--clock cpu measures CPU time; use it with --device cpu")
     torch.set_num_threads(args.threads)
+    init_single_process_group()
 
     if not args.json:
-        print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}; "
-              f"V={args.vocab} T={args.seq_len} B={args.batch}; scheme {args.scheme}; {args.clock} "
-              f"clock; medians of {args.steps} interleaved steps after {args.warmup} warmup",
-              flush=True)
+        print(f"DeepSpeed engine step on CPU, {args.threads} threads, torch {torch.__version__}; "
+              f"V={args.vocab}; scheme {args.scheme}; medians of {args.steps} interleaved steps "
+              f"after {args.warmup} warmup", flush=True)
     rows = [measure(size, args) for size in args.sizes]
     if args.json:
-        print(json.dumps({"sizes": rows, "device": args.device, "threads": args.threads,
-                          "clock": args.clock, "scheme": args.scheme, "vocab": args.vocab,
-                          "seq_len": args.seq_len,
-                          "batch": args.batch, "steps": args.steps}))
+        print(json.dumps({"sizes": rows, "threads": args.threads, "scheme": args.scheme,
+                          "vocab": args.vocab, "steps": args.steps, "warmup": args.warmup}))
+    dist.destroy_process_group()
     return 0
 
 

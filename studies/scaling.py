@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="Ray Train/Tune storage (local path, s3:// or gs://)")
     parser.add_argument("--dry-run", action="store_true", help="print the trial table only")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--verbose", action="store_true",
+                        help="stream Ray's and DeepSpeed's worker logs to the console")
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ["TERNARYLM_VERBOSE"] = "1"
     quiet_mlflow()
     try:
         study = load_study(args)

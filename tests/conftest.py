@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from ternarylm.cluster import free_port, stop_session
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -34,12 +34,6 @@ def tinystories() -> Path:
     if not TINYSTORIES.is_file():
         pytest.skip(f"TinyStories sample not found at {TINYSTORIES}; set TERNARYLM_SHARED_DATA")
     return TINYSTORIES
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ray_head(temp: Path, env: dict, *, num_cpus: int = 2,
@@ -75,31 +69,9 @@ def start_ray_head(temp: Path, env: dict, *, num_cpus: int = 2,
     raise RuntimeError(f"ray head did not come up in {timeout} s")
 
 
-def session_processes(sid: int) -> list:
-    """Every live process of one session (a cluster started by `start_ray_head`)."""
-    import psutil
-
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                found.append(p)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return found
-
-
 def stop_ray_head(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """End the cluster of `start_ray_head`, and only it: its session's processes, by id."""
-    import psutil
-
-    for p in session_processes(proc.pid):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(sig)
-    _, alive = psutil.wait_procs(session_processes(proc.pid), timeout=30)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
+    stop_session(proc.pid, grace=30, sig=sig)
     proc.wait(timeout=30)
 
 

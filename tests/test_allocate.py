@@ -162,7 +162,7 @@ def test_cli_allocate(pilot: Path, tmp_path: Path, capsys, one_torch_thread):
     (["--budget-bits", "1"], "--budget-bits 1 is outside [2, 8]"),
     (["--budget-bits", "4", "--high", "int16"], "unknown format 'int16'"),
     (["--budget-bits", "4", "--high", "fp"], "fp has none"),
-    (["--budget-bits", "4", "--out", "missing/plan.yaml"], "cannot write the plan"),
+    (["--budget-bits", "4", "--out", "/dev/null/plan.yaml"], "cannot write the plan"),
 ])
 def test_cli_allocate_refuses(pilot: Path, tmp_path: Path, capsys, monkeypatch, argv, message, one_torch_thread):
     monkeypatch.chdir(tmp_path)

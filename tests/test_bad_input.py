@@ -3,7 +3,6 @@ and no MLflow run (nor store) left behind. Types are checked against each field'
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ternarylm.cli import main as ternarylm_main
+
+from test_reliability import with_
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,13 +32,7 @@ def _trial(corpus: Path, tmp_path: Path) -> dict:
 
 
 def _set(d: dict, dotted: str, value) -> dict:
-    d = copy.deepcopy(d)
-    *parents, last = dotted.split(".")
-    target = d
-    for p in parents:
-        target = target.setdefault(p, {})
-    target[last] = value
-    return d
+    return with_(d, **{dotted.replace(".", "__"): value})
 
 
 BAD_TRIAL_FIELDS = [

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from ternarylm import data
+from ternarylm.data import cache
 from ternarylm.data import (
     DataConfig,
     DataError,
@@ -207,7 +208,7 @@ def test_second_prepare_reuses_cache(tmp_path, monkeypatch):
     def no_rebuild(*args):
         raise AssertionError("cache hit expected, but prepare_data rebuilt")
 
-    monkeypatch.setattr(data, "_build", no_rebuild)
+    monkeypatch.setattr(cache, "_build", no_rebuild)
     second = prepare_data(config)
     assert second == first
     assert (first.path / "meta.json").stat().st_mtime_ns == stamp
@@ -231,7 +232,7 @@ def test_cache_key_follows_local_file_changes(paragraphs, tmp_path):
 
 def _build_concurrently(config: DataConfig, barrier, results) -> None:
     """Child process: build, wait until the other child has built too, then race to publish."""
-    publish = data._publish
+    publish = cache._publish
 
     def racing_publish(build_dir, final):
         barrier.wait(timeout=120)
@@ -239,7 +240,7 @@ def _build_concurrently(config: DataConfig, barrier, results) -> None:
         results.put(("won", won))
         return won
 
-    data._publish = racing_publish
+    cache._publish = racing_publish
     prepared = prepare_data(config)
     results.put(("path", str(prepared.path), prepared.train_tokens))
 

@@ -291,8 +291,8 @@ def llama_cpp_forward(tensors: dict[str, np.ndarray], ids: list[int], n_heads: i
     return norm(x, tensors["output_norm.weight"]) @ head.T
 
 
-@pytest.mark.parametrize("tie_head", [False, True])
-def test_gguf_runs_as_llama_cpp_would(tie_head, small, tmp_path, tokenizer, corpus):
+@pytest.mark.parametrize("tie_head,pad_ffn", [(False, False), (True, False), (False, True)])
+def test_gguf_runs_as_llama_cpp_would(tie_head, pad_ffn, small, tmp_path, tokenizer, corpus):
     """The GGUF's tensors in llama.cpp's graph give our logits (to fp16 rounding), which they do
     only with llama.cpp's q/k permutation: without it, RoPE pairs the wrong dimensions."""
     import gguf
@@ -303,11 +303,17 @@ def test_gguf_runs_as_llama_cpp_would(tie_head, small, tmp_path, tokenizer, corp
         model, directory = trained_dir(tmp_path / "model", tokenizer, corpus, tie_head=True)
     else:
         model, directory = small
-    export_gguf(str(directory), tmp_path / "m.gguf", "tq2_0", fallback="q8_0")
+    result = export_gguf(str(directory), tmp_path / "m.gguf", "tq2_0", fallback="q8_0",
+                         pad_ffn=pad_ffn)
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     kinds = {name: kind for name, (kind, _) in gguf_tensors(reader).items()}
     assert kinds["token_embd.weight"] == "Q8_0" and kinds["blk.1.attn_q.weight"] == "TQ2_0"
-    assert kinds["blk.1.ffn_down.weight"] == "F16"  # 683-long rows: not even Q8_0's 32 fit
+    if pad_ffn:  # 683 -> 768 with zeros: every block linear ternary
+        assert result.ffn_padded_to == 768 and not result.fell_back
+        assert gguf_fields(reader)["llama.feed_forward_length"] == 768
+        assert kinds["blk.1.ffn_down.weight"] == "TQ2_0"
+    else:
+        assert kinds["blk.1.ffn_down.weight"] == "F16"  # 683-long rows: not even Q8_0's 32
     assert ("output.weight" in kinds) == (not tie_head)
     tensors = {name: values for name, (_, values) in gguf_tensors(reader).items()}
     ids = story_ids(tokenizer, corpus)

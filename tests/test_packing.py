@@ -19,9 +19,9 @@ from ternarylm.data import build_tokenizer, eos_id
 from ternarylm.generate import generate, sample_next
 from ternarylm.model import TernaryLM
 from ternarylm import cpu_kernels
-from ternarylm.packing import (CONFIG_KEY, PACKED_ARTIFACT_PATH, PACKINGS, Int8Linear,
-                               KernelLinear, PackedLM, PackError, load_packed, pack, pack_codes,
-                               quantize_tokens, read_packed, unpack_codes, unpack_weight)
+from ternarylm.inference import Int8Linear, KernelLinear, PackedLM, load_packed, quantize_tokens
+from ternarylm.packing import (CONFIG_KEY, PACKED_ARTIFACT_PATH, PACKINGS, PackError, pack,
+                               pack_codes, read_packed, unpack_codes, unpack_weight)
 from ternarylm.plans import apply_plan
 from ternarylm.quantizers import QuantEmbedding, QuantLinear, quantize_activations
 

@@ -341,7 +341,8 @@ def test_tiny_model_of_each_recipe_trains(text, one_torch_thread, name):
 def test_a_packed_bitnet_model_computes_what_training_computes(tmp_path, one_torch_thread,
                                                                activation_bits):
     from ternarylm.data import build_tokenizer, eos_id
-    from ternarylm.packing import load_packed, pack_model
+    from ternarylm.inference import load_packed
+    from ternarylm.packing import pack_model
 
     tokenizer = build_tokenizer("char", [])
     torch.manual_seed(0)

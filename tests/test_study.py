@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,18 @@ def study_yaml(path: Path, corpus: Path, sizes: list[str], plans: list[str],
     return path
 
 
+def submit_job(args: list[str], env: dict, wait: float = 120) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's job agent is still starting (a fresh head
+    answers `ray status` a few seconds before it takes jobs)."""
+    deadline = time.time() + wait
+    while True:
+        out = subprocess.run(["ray", "job", "submit", *args], capture_output=True, text=True,
+                             env=env, timeout=900)
+        if "No available agent" not in out.stderr or time.time() > deadline:
+            return out
+        time.sleep(3)
+
+
 def runs_by_name(uri: str) -> dict:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ternarylm")
@@ -47,11 +60,10 @@ def test_study_submitted_as_ray_job(tmp_path, tinystories, ray_head):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri,
                                 "TERNARYLM_HOME": str(tmp_path / "home")}}
-    out = subprocess.run(
-        ["ray", "job", "submit", "--address", ray_head["RAY_DASHBOARD"], "--working-dir",
-         str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "studies/scaling.py", "--config", str(config), "--json"],
-        capture_output=True, text=True, env={**os.environ, **ray_head}, timeout=900)
+    out = submit_job(["--address", ray_head["RAY_DASHBOARD"], "--working-dir", str(REPO),
+                      "--runtime-env-json", json.dumps(runtime_env), "--", "python",
+                      "studies/scaling.py", "--config", str(config), "--json"],
+                     {**os.environ, **ray_head})
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     summary = json.loads([l for l in out.stdout.splitlines() if l.startswith("{")][-1])
     assert summary["errors"] == []

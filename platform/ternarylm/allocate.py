@@ -21,6 +21,7 @@ low + k (high - low) / n_blocks for a whole number k of blocks.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,19 @@ def allocate(source: str | Path, budget_bits: float, signal: str = "loss", high:
     return Allocation(plan, signal, scores, params, average, budget_bits, base)
 
 
+def check_out_path(path: str | Path) -> Path:
+    """The plan's path, its folder made; refused before any measuring if it cannot be written."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AllocateError(f"cannot write the plan to {path} ({e.strerror}); pick a writable "
+                            f"path") from None
+    if not os.access(path.parent, os.W_OK) or path.is_dir():
+        raise AllocateError(f"cannot write the plan to {path}; pick a writable file path")
+    return path
+
+
 def write_plan(allocation: Allocation, path: str | Path) -> Path:
     """The plan as YAML (a study lists it as `{file: PATH}`), its evidence as comments."""
     a = allocation
@@ -224,7 +238,7 @@ def write_plan(allocation: Allocation, path: str | Path) -> Path:
         lines.append(f"# validation loss with every block high: {a.base_loss:.4f}")
     lines += [f"# block {b}: score {s:.5g}" for b, s in a.scores.items()]
     text = "\n".join(lines) + "\n" + yaml.safe_dump(plan_fields(a.plan), sort_keys=False)
-    path = Path(path)
+    path = check_out_path(path)
     try:
         path.write_text(text)
     except OSError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ternarylm.errors import UserError
@@ -32,6 +33,8 @@ def _train(args: argparse.Namespace) -> None:
 
     import ray
 
+    if args.verbose:
+        os.environ["TERNARYLM_VERBOSE"] = "1"
     result = run_trial(TrialConfig.from_yaml(args.config))
     ray.shutdown()  # flushes the workers' forwarded logs, so the JSON line is the last one
     print(json.dumps({"run_id": result.run_id, "key": result.key, "status": result.status,
@@ -86,8 +89,10 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _allocate(args: argparse.Namespace) -> None:
-    from ternarylm.allocate import allocate, write_plan
+    from ternarylm.allocate import allocate, check_out_path, write_plan
 
+    if args.out:
+        check_out_path(args.out)  # before minutes of measuring
     allocation = allocate(args.source, args.budget_bits, signal=args.signal, high=args.high,
                           low=args.low, max_tokens=args.max_tokens, name=args.name)
     if args.out:
@@ -115,7 +120,7 @@ def _pack(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from ternarylm.generate import generate_text
-    from ternarylm.packing import load_packed
+    from ternarylm.inference import load_packed
 
     packed = load_packed(args.model)
     completion = generate_text(packed, args.prompt, args.max_new_tokens,
@@ -132,7 +137,7 @@ def _export(args: argparse.Namespace) -> None:
         print(json.dumps({"path": str(result.path), "format": "hf", "tied": result.tied,
                           "files": result.files, "quantization_note": result.quantization_note}))
         return
-    result = export_gguf(args.source, args.out, args.type, args.fallback)
+    result = export_gguf(args.source, args.out, args.type, args.fallback, args.pad_ffn)
     print(result.note(), file=sys.stderr)  # which tensors fell back, and why
     print(json.dumps({"format": "gguf", **result.to_json()}))
 
@@ -169,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one model (one trial) from a YAML config")
     p.add_argument("--config", required=True, help="YAML file of trial settings")
+    p.add_argument("--verbose", action="store_true",
+                   help="stream Ray's and DeepSpeed's worker logs to the console")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("fit", help="fit L(N) = E + A N^-alpha (+ B D^-beta) to a CSV of N, D, loss")
@@ -264,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf: storage of ternary layers whose rows are a multiple of 256 long")
     p.add_argument("--fallback", default="f16", choices=GGUF_FALLBACKS,
                    help="gguf: storage of every other matrix (norms are always f32)")
+    p.add_argument("--pad-ffn", action="store_true",
+                   help="gguf: zero-pad the MLP hidden size to a multiple of 256 (same outputs) "
+                   "so that the down projection is ternary too")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval", help="lm-evaluation-harness tasks on a trained model; a run id's "

@@ -48,17 +48,29 @@ def connect_ray(address: str | None) -> str | None:
     A cluster started here offers `trial_driver` slots, as the cluster configs' heads do, so
     that trial drivers take no CPU from training workers: with 0.01 CPU each, two 1-CPU trials
     would not fit on 2 cores.
+
+    Workers' output (Ray Train's reports, DeepSpeed) stays in Ray's log files, whose folder is
+    printed, unless $TERNARYLM_VERBOSE=1 (`--verbose`) streams it to the console.
     """
     import ray
 
     if ray.is_initialized():
         return None
-    quiet = {"logging_level": logging.WARNING}  # errors on the console stay one line
+    # Errors on the console stay one line; the console shows our progress, not Ray's stream.
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": verbose()}
     if address is not None:
         ray.init(address=address, **quiet)
-        return address
-    ray.init(address="local", resources={DRIVER_RESOURCE: 1000}, **quiet)
-    return None
+    else:
+        ray.init(address="local", resources={DRIVER_RESOURCE: 1000}, **quiet)
+    if not verbose():
+        logs = ray._private.worker._global_node.get_logs_dir_path()
+        print(f"worker logs: {logs} (on each node; --verbose shows them here)", flush=True)
+    return address
+
+
+def verbose() -> bool:
+    """Whether workers' logs stream to the console ($TERNARYLM_VERBOSE=1, `--verbose`)."""
+    return os.environ.get("TERNARYLM_VERBOSE") == "1"
 
 
 def free_port() -> int:
@@ -231,16 +243,16 @@ def session_processes(sid: int) -> list:
     return found
 
 
-def stop_session(sid: int, grace: float = 10.0) -> int:
+def stop_session(sid: int, grace: float = 10.0, sig: int = signal.SIGTERM) -> int:
     """Stop a local cluster by the ids of its session's processes (never `ray stop`, which
-    stops every cluster on the machine): SIGTERM, SIGKILL after `grace` seconds. Returns how
-    many processes are left (0 when all are gone)."""
+    stops every cluster on the machine): `sig` (SIGKILL: as if the machine vanished), SIGKILL
+    after `grace` seconds. Returns how many processes are left (0 when all are gone)."""
     import psutil
 
     procs = session_processes(sid)
     for p in procs:
         with contextlib.suppress(psutil.Error):
-            p.terminate()
+            p.send_signal(sig)
     _, alive = psutil.wait_procs(procs, timeout=grace)
     for p in alive:
         with contextlib.suppress(psutil.Error):

@@ -368,6 +368,8 @@ class GGUFExport:
     type: str
     tensors: list[GGUFTensor]
     bytes: int
+    ffn_padded_to: int | None = None
+    """The MLP hidden size written, when `pad_ffn` widened it."""
 
     @property
     def fell_back(self) -> list[GGUFTensor]:
@@ -381,6 +383,8 @@ class GGUFExport:
         for t in self.tensors:
             counts[t.type] = counts.get(t.type, 0) + 1
         lines = [", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + " tensors"]
+        if self.ffn_padded_to:
+            lines.append(f"MLP hidden size padded with zeros to {self.ffn_padded_to}")
         lines += [f"fell back: {t.name} ({t.source}) -> {t.type}: {t.reason}"
                   for t in self.fell_back]
         return "\n".join(lines)
@@ -388,6 +392,7 @@ class GGUFExport:
     def to_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "type": self.type, "bytes": self.bytes,
                 "tensors": {t.name: t.type for t in self.tensors},
+                "ffn_padded_to": self.ffn_padded_to,
                 "fell_back": {t.name: f"{t.type}: {t.reason}" for t in self.fell_back}}
 
 
@@ -434,10 +439,22 @@ def _tq_bytes(codes: torch.Tensor, scale: torch.Tensor, qtype) -> np.ndarray:
     return blocks.reshape(data.shape)
 
 
+def _pad_rows(t: torch.Tensor, n: int, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """t with n more rows: zeros, or copies of `fill`'s last row."""
+    extra = (torch.zeros((n, *t.shape[1:]), dtype=t.dtype) if fill is None
+             else fill[-1:].expand(n, *t.shape[1:]))
+    return torch.cat([t, extra])
+
+
 def export_gguf(source: str | Path, out: str | Path, type: str = "tq2_0",
-                fallback: str = "f16") -> GGUFExport:
+                fallback: str = "f16", pad_ffn: bool = False) -> GGUFExport:
     """Write a llama-architecture GGUF: ternary layers as TQ2_0/TQ1_0 where their rows are a
-    multiple of 256 long, the rest as `fallback` (f16 or q8_0), norms as f32."""
+    multiple of 256 long, the rest as `fallback` (f16 or q8_0), norms as f32.
+
+    pad_ffn: widen the MLP hidden size to a multiple of 256 with zero gate/up rows and zero down
+    columns (silu(0) * 0 = 0: the same outputs), so that the down projection, whose rows are
+    mlp_hidden long (683 for width 256, 2050 for paper-132m), is stored ternary too.
+    """
     import gguf
     from gguf import quants
 
@@ -452,6 +469,10 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "tq2_0",
     tokens, token_types, merges = gguf_vocab(src.trained.tokenizer, cfg.vocab_size)
     layers = exported_layers(model)
     tied = bool(cfg.tie_head and torch.equal(layers["head"].weight, layers["embed"].weight))
+    ffn = cfg.mlp_hidden
+    if pad_ffn and type != "f16":
+        ffn = -(-cfg.mlp_hidden // TERNARY_BLOCK) * TERNARY_BLOCK
+    pad = ffn - cfg.mlp_hidden
 
     qtypes = {"tq2_0": gguf.GGMLQuantizationType.TQ2_0,
               "tq1_0": gguf.GGMLQuantizationType.TQ1_0}
@@ -468,7 +489,7 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "tq2_0",
     writer.add_context_length(cfg.seq_len)
     writer.add_embedding_length(cfg.width)
     writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.mlp_hidden)
+    writer.add_feed_forward_length(ffn)
     writer.add_head_count(cfg.n_heads)
     writer.add_head_count_kv(cfg.n_heads)
     writer.add_layer_norm_rms_eps(RMS_NORM_EPS)
@@ -504,6 +525,14 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "tq2_0",
             if ternary is not None:
                 ternary = (permute_rope(ternary[0], cfg.n_heads),
                            permute_rope(ternary[1], cfg.n_heads))
+        if pad and part in ("mlp.gate", "mlp.up"):  # zero output rows
+            w = _pad_rows(w, pad)
+            if ternary is not None:
+                ternary = (_pad_rows(ternary[0], pad), _pad_rows(ternary[1], pad, ternary[1]))
+        elif pad and part == "mlp.down":  # zero input columns
+            w = _pad_rows(w.t(), pad).t().contiguous()
+            if ternary is not None:
+                ternary = (_pad_rows(ternary[0].t(), pad).t().contiguous(), ternary[1])
         shape = list(w.shape)
         reason = None
         if layer.format == "norm" or w.dim() == 1:
@@ -533,5 +562,5 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "tq2_0",
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return GGUFExport(out, type, report, out.stat().st_size)
+    return GGUFExport(out, type, report, out.stat().st_size, ffn if pad else None)
 

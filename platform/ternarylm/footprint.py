@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ternarylm.packing import load_packed, pack_model, read_packed
+from ternarylm.inference import load_packed
+from ternarylm.packing import pack_model, read_packed
 from ternarylm.quantizers import TERNARY_SCHEMES
 
 PROMPT_TOKENS = 16

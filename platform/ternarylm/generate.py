@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ternarylm.errors import UserError
-from ternarylm.packing import PackedLM, PackedModel
+from ternarylm.inference import PackedLM, PackedModel
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -63,7 +63,7 @@ def generate(model: PackedLM, prompt: list[int], max_new_tokens: int, *,
 
 
 def generate_text(packed: PackedModel, prompt: str, max_new_tokens: int, **sampling) -> str:
-    """The completion of a text prompt with a loaded packed model (`packing.load_packed`).
+    """The completion of a text prompt with a loaded packed model (`inference.load_packed`).
 
     The prompt follows an end-of-text token, as every training document does.
     """

@@ -1,7 +1,7 @@
 """Standard evaluations: our models as an lm-evaluation-harness `LM` ("ternarylm").
 
 `TernaryHarnessLM` scores requests with a trained model's latent weights (the quantized training
-model, `artifacts.load_trained`) or with the packed CPU model (`packing.load_packed`: a packed
+model, `artifacts.load_trained`) or with the packed CPU model (`inference.load_packed`: a packed
 file, or a run/directory packed on the fly), implementing the harness's three request types:
 
   loglikelihood          log P(continuation | context) and whether it is the greedy choice
@@ -99,7 +99,8 @@ def load_eval_model(source: str | Path, packed: bool = False, embedding_dtype: s
     the run or directory packed on the fly to a temporary file, floating-point layers in
     `embedding_dtype` (`ternarylm pack`'s default int8; fp32 keeps logits as trained)."""
     from ternarylm.artifacts import load_trained
-    from ternarylm.packing import load_packed, pack_model
+    from ternarylm.inference import load_packed
+    from ternarylm.packing import pack_model
 
     source = str(source)
     if Path(source).is_file():

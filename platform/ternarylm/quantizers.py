@@ -21,6 +21,7 @@ codes in [-(2^(b-1) - 1), 2^(b-1) - 1]) and fp (no quantization).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -368,6 +369,61 @@ def quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
     return _ActQuantSTE.apply(x, bits)
 
 
+class _SharedInputCache:
+    """The fake-quantized values of the last input seen: q, k and v (and gate and up) read the
+    same tensor, so its activation codes are computed once per block instead of three times.
+
+    Keyed on the tensor object (held weakly) and its version counter, so an input written in
+    place in between, or a new tensor at a recycled address, is quantized afresh."""
+
+    def __init__(self) -> None:
+        self.key: tuple[weakref.ref, int, int] | None = None
+        self.value: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def quantized(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        if x.is_inference():  # inference tensors carry no version counter: no caching
+            codes, scale = activation_codes(x, bits)
+            return codes.mul_(scale)
+        if self.key is not None and self.key[0]() is x and self.key[1:] == (x._version, bits):
+            return self.value
+        codes, scale = activation_codes(x, bits)
+        self.key, self.value = (weakref.ref(x), x._version, bits), codes.mul_(scale)
+        return self.value
+
+
+_SHARED_INPUT = _SharedInputCache()
+
+
+class _FakeQuantLinear(torch.autograd.Function):
+    """F.linear(x_hat, w_hat, bias) forward; backward as a linear whose input and weight were
+    x and w (the straight-through estimator of both quantizers).
+
+    One autograd node in place of three (activation STE, weight STE, the linear's own), which
+    is most of what fake quantization costs on small matrices. Gradients are computed with the
+    same matrix products autograd uses for F.linear."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                x_hat: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_hat, w_hat)
+        ctx.has_bias = bias is not None
+        return F.linear(x_hat, w_hat, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x_hat, w_hat = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(w_hat)
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = x_hat.reshape(-1, x_hat.shape[-1]).t().mm(grad_2d).t()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
 class _AdoptsWeight:
     """What QuantLinear and QuantEmbedding share: a latent weight and its quantizer."""
 
@@ -409,9 +465,16 @@ class QuantLinear(_AdoptsWeight, nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_bits is not None:
-            x = quantize_activations(x, self.activation_bits)
-        return F.linear(x, self.weight_quantizer(self.weight), self.bias)
+        quantizer = self.weight_quantizer
+        if type(quantizer).forward is not WeightQuantizer.forward:  # its own gradient
+            if self.activation_bits is not None:
+                x = quantize_activations(x, self.activation_bits)
+            return F.linear(x, quantizer(self.weight), self.bias)
+        # Straight-through weight and input: one fused node (see _FakeQuantLinear).
+        x_hat = x if self.activation_bits is None else _SHARED_INPUT.quantized(
+            x, self.activation_bits)
+        return _FakeQuantLinear.apply(x, self.weight, self.bias, x_hat,
+                                      quantizer.dequantized(self.weight))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, format={self.format}, activation_bits={self.activation_bits}"

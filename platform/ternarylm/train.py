@@ -32,9 +32,10 @@ from ternarylm.analysis import block_sparsity, layer_stats
 from ternarylm.artifacts import ARTIFACT_PATH, save_trained
 from ternarylm.config import TrialConfig
 from ternarylm.data import PreparedData, WindowSampler, eval_batches, prepare_data
+from ternarylm.inference import load_packed, tensor_bytes
 from ternarylm.model import TernaryLM
 from ternarylm.optim import TrainSchedule, param_groups
-from ternarylm.packing import PACKED_ARTIFACT_PATH, load_packed, pack_model, provenance, tensor_bytes
+from ternarylm.packing import PACKED_ARTIFACT_PATH, pack_model, provenance
 from ternarylm.plans import apply_plan
 from ternarylm.quantizers import TERNARY_SCHEMES
 
@@ -68,6 +69,26 @@ class TrialRuntime:
     run_id: str
 
 
+def build_engine(cfg: TrialConfig, vocab_size: int, device: torch.device,
+                 bf16: bool) -> tuple[Any, dict[str, str]]:
+    """The trial's model under its plan, with its AdamW and schedule, in a DeepSpeed engine;
+    returns the engine and the plan's layer formats. Needs torch.distributed initialised."""
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model_cfg = cfg.model_config(vocab_size)
+    model = TernaryLM(model_cfg)
+    formats = apply_plan(model, cfg.plan, cfg.scheme, model_cfg.n_layers)
+    model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                  betas=cfg.train.betas)
+    scheduler = TrainSchedule(optimizer, cfg.train)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, bf16))
+    return engine, formats
+
+
 def train_worker(payload: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (`train_loop_per_worker`): the trial's config and
     runtime arrive as objects, validated once by the driver."""
@@ -75,7 +96,6 @@ def train_worker(payload: dict[str, Any]) -> None:
     cfg: TrialConfig = payload["trial"]
     # DeepSpeed picks its accelerator at import; without this it may probe for CUDA on CPU hosts.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")
-    import deepspeed
     import ray.train
 
     runtime: TrialRuntime = payload["runtime"]
@@ -89,17 +109,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cfg.use_gpu)
 
     data = prepare_data(cfg.data)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model_cfg = cfg.model_config(data.vocab_size)
-    model = TernaryLM(model_cfg)
-    formats = apply_plan(model, cfg.plan, cfg.scheme, model_cfg.n_layers)
-    model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=cfg.train.betas)
-    scheduler = TrainSchedule(optimizer, cfg.train)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, bf16))
+    engine, formats = build_engine(cfg, data.vocab_size, device, bf16)
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
