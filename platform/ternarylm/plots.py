@@ -88,7 +88,7 @@ def memory_vs_size(rows: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_plan: dict[str, list[tuple[float, float, float]]] = {}
     for r in rows:
-        if r["packed_bytes"] is not None:
+        if r["packed_bytes"] is not None and r["latent_fp32_bytes"] is not None:
             by_plan.setdefault(r["plan"], []).append((r["N"], r["latent_fp32_bytes"],
                                                       r["packed_bytes"]))
     for plan, points in sorted(by_plan.items()):

@@ -76,7 +76,10 @@ def build_trainer(cfg: TrialConfig, runtime: TrialRuntime, callbacks: list | Non
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"trial-{cfg.key()}", storage_path=storage_path(cfg),
+        # Named by key and MLflow run: a resumed run finds its checkpoints; a new run (a new
+        # tracking store, or a run deleted) never resumes another run's finished checkpoint.
+        run_config=RunConfig(name=f"trial-{cfg.key()}-{runtime.run_id[:12]}",
+                             storage_path=storage_path(cfg),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              callbacks=callbacks or []),
     )
