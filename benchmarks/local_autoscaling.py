@@ -12,8 +12,8 @@ keeps its name and `min_workers: 0` but has 1 CPU and no GPU; the nodes get aws.
 the cloud endpoints, which become a local checkpoint folder and MLflow store that every local
 node sees (on a real cluster: an s3:// or gs:// storage_path and an MLflow server).
 
-`AutoscalingCluster` itself is not used: it runs `ray stop --force` (every Ray cluster of the
-user on this machine), uses the fixed port 6379, and reads an example.yaml that Ray's wheels do
+`AutoscalingCluster` itself is not used: its start and shutdown stop every Ray cluster of the
+user on this machine, it uses the fixed port 6379, and reads an example.yaml that Ray's wheels do
 not ship. The cluster here has its own ports and temp folder, lives in its own process session,
 and is stopped by the ids of that session's processes only.
 

@@ -63,7 +63,7 @@ def test_suite_cluster_leaves_a_users_cluster_running(short_tmp):
 
 
 def _write_dead_record(ray_tmp: Path) -> str:
-    """What a `ray start` cluster that died without `ray stop` leaves: its address, recorded."""
+    """What a cluster from `ray start` that died without being stopped leaves: its address."""
     address = f"127.0.0.1:{free_port()}"
     (ray_tmp / "ray").mkdir(parents=True, exist_ok=True)
     (ray_tmp / "ray" / "ray_current_cluster").write_text(address)

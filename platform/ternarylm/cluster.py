@@ -244,8 +244,8 @@ def session_processes(sid: int) -> list:
 
 
 def stop_session(sid: int, grace: float = 10.0, sig: int = signal.SIGTERM) -> int:
-    """Stop a local cluster by the ids of its session's processes (never `ray stop`, which
-    stops every cluster on the machine): `sig` (SIGKILL: as if the machine vanished), SIGKILL
+    """Stop a local cluster by the ids of its session's processes, and nothing else on the
+    machine: `sig` (SIGKILL: as if the machine vanished), SIGKILL
     after `grace` seconds. Returns how many processes are left (0 when all are gone)."""
     import psutil
 
