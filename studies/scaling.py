@@ -2,6 +2,7 @@
 
     python studies/scaling.py                    # --preset local: a real small study on a laptop
     python studies/scaling.py --dry-run --json   # the trial table, without starting Ray
+    python studies/scaling.py --lr-search 0.001,0.003,0.01   # a learning-rate search per cell
     ray job submit --working-dir . -- python studies/scaling.py --preset ladder
 
 Results go to MLflow ($MLFLOW_TRACKING_URI, default a SQLite store in ~/.ternarylm).
@@ -47,7 +48,17 @@ def load_study(args: argparse.Namespace) -> StudyConfig:
         data["source"] = str(corpus)
     if args.name:
         raw["name"] = args.name
+    if args.lr_search:
+        raw["lr_search"] = {**(raw.get("lr_search") or {}), "values": _rates(args.lr_search)}
     return _build(StudyConfig, raw, "study")
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--lr-search {text!r}: give comma-separated learning rates, e.g. "
+                        f"0.001,0.003,0.01") from None
 
 
 def print_table(rows: list[dict]) -> None:
@@ -78,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="study name (a rerun with the same name continues it)")
     parser.add_argument("--storage-path", default=os.environ.get("TERNARYLM_STORAGE_PATH"),
                         help="Ray Train/Tune storage (local path, s3:// or gs://)")
+    parser.add_argument("--lr-search", metavar="RATES",
+                        help="search these peak learning rates (comma-separated) per cell before "
+                             "its trials (sets the study's lr_search values)")
     parser.add_argument("--dry-run", action="store_true", help="print the trial table only")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--verbose", action="store_true",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,3 +107,36 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def write_tasks(directory, corpus: str) -> None:
+    """Three offline tasks on local jsonl files: multiple choice, perplexity and generation."""
+    sentences = [s for s in re.split(r"(?<=\.) ", corpus[90_000:110_000]) if 40 < len(s) < 160]
+    sentences = sentences[:12]
+    with open(directory / "mc.jsonl", "w") as f:
+        for i, s in enumerate(sentences):
+            words, other = s.split(), sentences[(i + 5) % len(sentences)].split()
+            half = len(words) // 2
+            f.write(json.dumps({"context": " ".join(words[:half]),
+                                "choices": [" " + " ".join(words[half:]),
+                                            " " + " ".join(other[len(other) // 2:])],
+                                "label": 0}) + "\n")
+    with open(directory / "text.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": s}) + "\n" for s in sentences)
+    common = "dataset_path: json\ntest_split: test\n"
+    (directory / "mc.yaml").write_text(
+        f"task: stories_mc\n{common}dataset_kwargs:\n  data_files:\n"
+        f"    test: {directory / 'mc.jsonl'}\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    (directory / "ppl.yaml").write_text(
+        f"task: stories_ppl\n{common}dataset_kwargs:\n  data_files:\n"
+        f"    test: {directory / 'text.jsonl'}\noutput_type: loglikelihood_rolling\n"
+        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n"
+        "  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+    (directory / "gen.yaml").write_text(
+        f"task: stories_gen\n{common}dataset_kwargs:\n  data_files:\n"
+        f"    test: {directory / 'mc.jsonl'}\noutput_type: generate_until\n"
+        "doc_to_text: '{{context}}'\ndoc_to_target: '{{choices[0]}}'\n"
+        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 8\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")

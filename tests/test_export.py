@@ -3,7 +3,8 @@
 Every model here is a small Llama-shaped TernaryLM (width 256, so q/k/v/o and gate/up rows are
 one TQ block long and the down projection's 683-long rows are not) trained a few AdamW steps on
 TinyStories with plain torch, so codes and scales are not those of initialisation, and saved
-with `save_trained` as a finished trial leaves it. Text for comparisons is real TinyStories text.
+with `save_trained` as a finished trial leaves it (`bitnet`: the same with BitNet blocks and 8-bit
+activations, the bitnet_b158 recipe's plan). Text for comparisons is real TinyStories text.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_tasks
 from ternarylm.artifacts import save_trained
 from ternarylm.cli import main
 from ternarylm.config import TrialConfig
@@ -44,11 +46,13 @@ def tokenizer(corpus):
 
 
 def train_small(tokenizer, corpus: str, scheme: str, plan, *, tie_head: bool = False,
-                steps: int = 12, width: int = 256) -> tuple[TernaryLM, TrialConfig, dict]:
-    trial = TrialConfig(size="tiny", scheme=scheme, plan=plan, seq_len=SEQ_LEN, tie_head=tie_head)
+                steps: int = 12, width: int = 256,
+                block: str = "llama") -> tuple[TernaryLM, TrialConfig, dict]:
+    trial = TrialConfig(size="tiny", scheme=scheme, plan=plan, seq_len=SEQ_LEN, tie_head=tie_head,
+                        block=block)
     torch.manual_seed(0)
     cfg = ModelConfig(width=width, n_layers=2, n_heads=4, vocab_size=tokenizer.get_vocab_size(),
-                      seq_len=SEQ_LEN, tie_head=tie_head)
+                      seq_len=SEQ_LEN, tie_head=tie_head, block=block)
     model = TernaryLM(cfg)
     formats = apply_plan(model, trial.plan, scheme, cfg.n_layers)
     ids = torch.tensor(tokenizer.encode(corpus[:30_000]).ids)
@@ -73,6 +77,13 @@ def small(tmp_path_factory, tokenizer, corpus):
     return trained_dir(tmp_path_factory.mktemp("small") / "model", tokenizer, corpus)
 
 
+@pytest.fixture(scope="module")
+def bitnet(tmp_path_factory, tokenizer, corpus):
+    """(model, directory): bitnet blocks, absmean, all ternary, 8-bit activations, float head."""
+    return trained_dir(tmp_path_factory.mktemp("bitnet") / "model", tokenizer, corpus,
+                       "absmean", "all_ternary", block="bitnet")
+
+
 def story_ids(tokenizer, corpus: str, n: int = SEQ_LEN, offset: int = 50_000) -> list[int]:
     """n tokens of real TinyStories text from beyond the training slice."""
     return tokenizer.encode(corpus[offset:offset + 20 * n]).ids[:n]
@@ -91,18 +102,23 @@ def our_greedy(model: TernaryLM, prompt: list[int], n: int, eos: int) -> list[in
 
 # --- Hugging Face ------------------------------------------------------------------------------
 
-def test_rope_is_transformers_half_rotation():
-    """Our apply_rope equals transformers' Llama RoPE (rotate_half), not the interleaved one."""
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+@pytest.mark.parametrize("arch", ["llama", "bitnet"])
+def test_rope_is_transformers_half_rotation(arch):
+    """Our apply_rope equals transformers' Llama and BitNet RoPE (rotate_half), not the
+    interleaved one."""
+    import importlib
 
+    hf = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    name = {"llama": "Llama", "bitnet": "BitNet"}[arch]
     B, H, T, D = 2, 4, 16, 32
     q, k = torch.randn(2, B, H, T, D, generator=torch.Generator().manual_seed(0))
     cos, sin = rope_tables(T, D, 10000.0)
-    config = LlamaConfig(hidden_size=H * D, num_attention_heads=H, max_position_embeddings=T,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    hf_cos, hf_sin = LlamaRotaryEmbedding(config)(q, torch.arange(T)[None].expand(B, T))
-    hq, hk = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
+    config = getattr(hf, f"{name}Config")(
+        hidden_size=H * D, num_attention_heads=H, num_key_value_heads=H,
+        max_position_embeddings=T, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    rotary = getattr(hf, f"{name}RotaryEmbedding")(config)
+    hf_cos, hf_sin = rotary(q, torch.arange(T)[None].expand(B, T))
+    hq, hk = hf.apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
     torch.testing.assert_close(apply_rope(q, cos, sin), hq, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(apply_rope(k, cos, sin), hk, atol=1e-5, rtol=1e-5)
 
@@ -147,21 +163,28 @@ def test_hf_export_matches_our_logits_and_greedy_text(case, tmp_path, tokenizer,
     assert hf_new[len(ours_new):] in ([], [eos_id(tokenizer)])
 
 
-def test_hf_export_needs_no_qk_permutation(small, tmp_path, tokenizer, corpus):
-    """The logits test can see a RoPE layout mismatch: llama.cpp's permutation breaks it."""
+@pytest.mark.parametrize("trained", ["small", "bitnet"])
+def test_hf_export_needs_no_qk_permutation(trained, request, tmp_path, tokenizer, corpus):
+    """The logits tests can see a RoPE layout mismatch: llama.cpp's permutation breaks them.
+    This little-trained model leans on positions so little that BitNet's logits move by less
+    than the int8 tie bound, but at nearly every position: its agreement check fails."""
     from transformers import AutoModelForCausalLM
 
     from ternarylm.export import export_hf, permute_rope
 
-    model, directory = small
+    model, directory = request.getfixturevalue(trained)
     export_hf(str(directory), tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.tensor([story_ids(tokenizer, corpus)])
     with torch.no_grad():
         for layer in hf.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 proj.weight.copy_(permute_rope(proj.weight, model.cfg.n_heads))
-        x = torch.tensor([story_ids(tokenizer, corpus)])
-        assert (model(x) - hf(x).logits).abs().max() > 1e-2
+        per_position = (model(x) - hf(x).logits).abs().amax(-1)
+    if trained == "small":
+        assert per_position.max() > 1e-2
+    else:
+        assert (per_position < BITNET_FLOAT_TOL).float().mean() < 0.1  # needs BITNET_AGREE
 
 
 def test_hf_model_card_and_activation_caveat(tmp_path, tokenizer, corpus):
@@ -171,11 +194,166 @@ def test_hf_model_card_and_activation_caveat(tmp_path, tokenizer, corpus):
                                steps=2)
     result = export_hf(str(directory), tmp_path / "hf")
     card = (tmp_path / "hf" / "README.md").read_text()
+    assert result.architecture == "LlamaForCausalLM" and "`LlamaForCausalLM` checkpoint" in card
+    assert result.quantization_note.startswith("Exported as LlamaForCausalLM.")
     assert "does not quantize activations" in result.quantization_note
     assert "8 bits per token" in result.quantization_note
     assert result.quantization_note in card and '"scheme": "absmean"' in card
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "README.md"} <= set(result.files)
+
+
+# --- Hugging Face BitNet -------------------------------------------------------------------------
+
+# Measured on 15 windows of 64 TinyStories tokens (logits up to ~5): 98% of positions agree to
+# float rounding (median 1e-6), the rest by at most 1.5e-3 (2.4e-3 with the ternary head, 7e-3
+# after 40 training steps): transformers computes x * (127 / max) where we compute x / (max / 127),
+# so an activation on an int8 rounding tie now and then gets the neighbouring code, and that
+# shifts the later logits a little. Without activation quantization no position agrees (median
+# 4e-3), nor with llama.cpp's q/k permutation (2%: position 0 only).
+BITNET_FLOAT_TOL = 1e-4  # one position "agrees": float rounding of the scales, no flipped code
+BITNET_TIE_TOL = 1e-2  # any position, flipped codes included
+BITNET_AGREE = 0.9  # positions that must agree to BITNET_FLOAT_TOL (measured 0.98)
+
+
+def story_windows(tokenizer, corpus: str) -> torch.Tensor:
+    """[15, SEQ_LEN] windows of real text, beyond the training slice."""
+    return torch.tensor([story_ids(tokenizer, corpus, offset=o)
+                         for o in range(40_000, 190_000, 10_000)])
+
+
+def without_activation_quantization(model: TernaryLM) -> TernaryLM:
+    import copy
+
+    copy_ = copy.deepcopy(model)
+    for module in copy_.modules():
+        if isinstance(module, QuantLinear):
+            module.activation_bits = None
+    return copy_
+
+
+def assert_bitnet_layers(model: TernaryLM, hf) -> None:
+    """Every ternary linear is transformers' AutoBitLinear in offline mode holding our codes
+    and scale; every float layer is a plain nn.Linear holding our weight."""
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    from ternarylm.export import _HF_BITNET_NAMES, _split, exported_layers
+
+    for name, layer in exported_layers(model).items():
+        block, part = _split(name)
+        key = _HF_BITNET_NAMES[part].format(i=block).removesuffix(".weight")
+        if key == "lm_head" and hf.config.tie_word_embeddings:
+            continue
+        module = hf.get_submodule(key)
+        if layer.quantized is None:
+            assert type(module) in (torch.nn.Linear, torch.nn.Embedding) or layer.format == "norm"
+            assert torch.equal(module.weight, layer.weight), name
+        else:
+            assert isinstance(module, AutoBitLinear) and not module.online_quant, name
+            assert torch.equal(module.weight, layer.quantized.codes.float()), name
+            assert torch.equal(module.weight_scale, layer.quantized.scale.reshape(1)), name
+
+
+@pytest.mark.parametrize("case", ["float_head", "ternary_head"])
+def test_bitnet_export_runs_our_activation_quantization_in_transformers(
+        case, bitnet, tmp_path, tokenizer, corpus, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if case == "float_head":
+        model, directory = bitnet
+    else:  # a ternary head tied to the float embedding's latent weights: exported untied
+        model, directory = trained_dir(tmp_path / "model", tokenizer, corpus, "absmean",
+                                       {"preset": "all_ternary", "head": "ternary"},
+                                       tie_head=True, block="bitnet")
+        assert isinstance(model.head, QuantLinear) and model.head.activation_bits == 8
+    out = tmp_path / "hf"
+    assert main(["export", str(directory), str(out), "--format", "hf"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["quantization_note"].startswith("Exported as BitNetForCausalLM")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["BitNetForCausalLM"] and config["hidden_act"] == "relu2"
+    assert config["rms_norm_eps"] == 1e-6 and config["intermediate_size"] == 683
+    assert config["tie_word_embeddings"] is False
+    quant = config["quantization_config"]
+    assert (quant["quant_method"], quant["linear_class"], quant["quantization_mode"]) == (
+        "bitnet", "autobitlinear", "offline")
+    assert quant["modules_to_not_convert"] == (["lm_head"] if case == "float_head" else [])
+    card = (out / "README.md").read_text()
+    assert "`BitNetForCausalLM` checkpoint" in card and "- bitnet" in card
+
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "BitNetForCausalLM"
+    assert_bitnet_layers(model, hf)
+    x = story_windows(tokenizer, corpus)
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    assert hf_tok(tokenizer.decode(x[0].tolist())).input_ids[:SEQ_LEN] == x[0].tolist()
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+        float_acts = without_activation_quantization(model)(x)
+    per_position = (ours - theirs).abs().amax(-1)
+    assert per_position.max() < BITNET_TIE_TOL
+    assert (per_position < BITNET_FLOAT_TOL).float().mean() >= BITNET_AGREE
+    # transformers really quantizes activations: float activations agree almost nowhere.
+    float_gap = (float_acts - theirs).abs().amax(-1)
+    assert (float_gap < BITNET_FLOAT_TOL).float().mean() < 1 - BITNET_AGREE
+    # The same next token at every position, but where two of ours lie within the tie bound.
+    top2 = ours.topk(2, -1).values
+    close = top2[..., 0] - top2[..., 1] < BITNET_TIE_TOL
+    assert ((ours.argmax(-1) == theirs.argmax(-1)) | close).all()
+
+    prompt = x[0, :20].tolist()
+    with torch.no_grad():  # generate() runs the KV cache: one token at a time
+        hf_new = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)
+    hf_new = hf_new[0, len(prompt):].tolist()
+    ours_new = our_greedy(model, prompt, 20, eos_id(tokenizer))
+    assert len(ours_new) > 0 and hf_new[:len(ours_new)] == ours_new
+    assert hf_new[len(ours_new):] in ([], [eos_id(tokenizer)])
+
+
+def test_bitnet_export_of_a_float_model_needs_no_quantization(tmp_path, tokenizer, corpus):
+    from transformers import AutoModelForCausalLM
+
+    from ternarylm.export import export_hf
+
+    model, directory = trained_dir(tmp_path / "model", tokenizer, corpus, "absmean", "fp",
+                                   steps=2, block="bitnet")
+    result = export_hf(str(directory), tmp_path / "hf")
+    assert result.architecture == "BitNetForCausalLM"
+    assert "float weights" in result.quantization_note
+    assert "quantization_config" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = story_windows(tokenizer, corpus)[:4]
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max() < BITNET_FLOAT_TOL
+
+
+@pytest.mark.parametrize("scheme, plan, why", [
+    ("twn", "all_ternary", "blocks.0.attn.q is twn (and 13 more)"),
+    ("absmean_channel", "all_ternary", "blocks.0.attn.q is absmean_channel"),
+    ("absmean", NO_ACT_QUANT, "blocks.0.attn.q does not quantize activations"),
+    ("absmean", {"preset": "all_ternary", "activation_bits": 4},
+     "blocks.0.attn.q quantizes activations to 4 bits"),
+    ("absmean", {"preset": "boundary_int8", "first_k": 1, "last_k": 0}, "blocks.0.attn.q is int8"),
+    ("absmean", {"preset": "all_ternary", "embedding": "int8"}, "the embedding is int8"),
+])
+def test_bitnet_export_refuses_what_transformers_would_run_differently(
+        scheme, plan, why, tmp_path, tokenizer, corpus, capsys):
+    _, directory = trained_dir(tmp_path / "model", tokenizer, corpus, scheme, plan, steps=0,
+                               width=64, block="bitnet")
+    out = tmp_path / "hf"
+    assert main(["export", str(directory), str(out), "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot export to BitNetForCausalLM" in err
+    assert why in err and "scheme absmean and activation_bits 8" in err
+    assert not out.exists()
+
+
+def test_gguf_refuses_bitnet_blocks(bitnet, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(bitnet[1]), str(out), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'bitnet' blocks" in err
+    assert "--format hf (BitNetForCausalLM)" in err and not out.exists()
 
 
 # --- GGUF --------------------------------------------------------------------------------------
@@ -459,39 +637,6 @@ def test_harness_generate_until_is_greedy_and_stops(packed, small, tokenizer):
     stop = want[len(want) // 2:len(want) // 2 + 2]
     (cut,) = lm.generate_until([Request(prompt, {"until": [stop], "max_gen_toks": 12})])
     assert cut == want[:want.index(stop)]
-
-
-def write_tasks(directory, corpus: str) -> None:
-    """Three offline tasks on local jsonl files: multiple choice, perplexity and generation."""
-    sentences = [s for s in re.split(r"(?<=\.) ", corpus[90_000:110_000]) if 40 < len(s) < 160]
-    sentences = sentences[:12]
-    with open(directory / "mc.jsonl", "w") as f:
-        for i, s in enumerate(sentences):
-            words, other = s.split(), sentences[(i + 5) % len(sentences)].split()
-            half = len(words) // 2
-            f.write(json.dumps({"context": " ".join(words[:half]),
-                                "choices": [" " + " ".join(words[half:]),
-                                            " " + " ".join(other[len(other) // 2:])],
-                                "label": 0}) + "\n")
-    with open(directory / "text.jsonl", "w") as f:
-        f.writelines(json.dumps({"text": s}) + "\n" for s in sentences)
-    common = "dataset_path: json\ntest_split: test\n"
-    (directory / "mc.yaml").write_text(
-        f"task: stories_mc\n{common}dataset_kwargs:\n  data_files:\n"
-        f"    test: {directory / 'mc.jsonl'}\noutput_type: multiple_choice\n"
-        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    (directory / "ppl.yaml").write_text(
-        f"task: stories_ppl\n{common}dataset_kwargs:\n  data_files:\n"
-        f"    test: {directory / 'text.jsonl'}\noutput_type: loglikelihood_rolling\n"
-        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n"
-        "  - metric: word_perplexity\n  - metric: bits_per_byte\n")
-    (directory / "gen.yaml").write_text(
-        f"task: stories_gen\n{common}dataset_kwargs:\n  data_files:\n"
-        f"    test: {directory / 'mc.jsonl'}\noutput_type: generate_until\n"
-        "doc_to_text: '{{context}}'\ndoc_to_target: '{{choices[0]}}'\n"
-        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 8\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n")
 
 
 def test_eval_local_jsonl_tasks_through_simple_evaluate(small, tmp_path, corpus, capsys):

@@ -22,8 +22,8 @@ SCALING = REPO / "studies" / "scaling.py"
 
 
 def study_yaml(path: Path, corpus: Path, sizes: list[str], plans: list[str],
-               name: str = "test") -> Path:
-    config = {
+               name: str = "test", **extra) -> Path:
+    config = extra | {
         "name": name, "sizes": sizes, "schemes": ["absmean"], "plans": plans, "seeds": [0],
         "tokens": 6144, "evals_per_trial": 2, "max_concurrent": 2,
         "trial": {"seq_len": 64, "num_workers": 1, "max_failures": 0,
@@ -99,11 +99,28 @@ def test_study_submitted_as_ray_job(tmp_path, tinystories, ray_head):
             run.data.tags["ternarylm.trial_key"]]
 
 
+def eval_runs(uri: str, trial_run_id: str) -> list:
+    """The lm-eval child runs of one trial."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ternarylm")
+    return client.search_runs([exp.experiment_id],
+                              f"tags.mlflow.parentRunId = '{trial_run_id}' and "
+                              f"tags.`ternarylm.eval.tasks` = 'stories_ppl'")
+
+
 @pytest.mark.slow
 def test_rerun_trains_only_new_cells(tmp_path, tinystories, ray_head, monkeypatch):
+    """A rerun trains only the added cell; every finished trial gets its lm-eval child run
+    (the study's eval option), once: the rerun does not evaluate the reused trial again."""
+    from conftest import write_tasks
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, **ray_head, "MLFLOW_TRACKING_URI": uri}
-    config = study_yaml(tmp_path / "study.yaml", tinystories, ["nano"], ["all_ternary"])
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_tasks(tasks, tinystories.read_text(encoding="utf-8"))
+    evals = {"eval_tasks": ["stories_ppl"], "eval": {"include_path": str(tasks), "limit": 4}}
+    config = study_yaml(tmp_path / "study.yaml", tinystories, ["nano"], ["all_ternary"], **evals)
 
     def run_study() -> dict:
         out = subprocess.run([sys.executable, str(SCALING), "--config", str(config), "--json"],
@@ -117,15 +134,24 @@ def test_rerun_trains_only_new_cells(tmp_path, tinystories, ray_head, monkeypatc
     first = run_study()
     assert cells(first["trained"]) == ["nano-absmean-all_ternary"] and first["skipped"] == []
     nano = runs_by_name(uri)
-    study_yaml(config, tinystories, ["nano", "tiny"], ["all_ternary"])
+    study_yaml(config, tinystories, ["nano", "tiny"], ["all_ternary"], **evals)
     second = run_study()
     assert cells(second["trained"]) == ["tiny-absmean-all_ternary"]
     assert cells(second["skipped"]) == ["nano-absmean-all_ternary"]
-    runs = runs_by_name(uri)
+    runs = {n: r for n, r in runs_by_name(uri).items() if "-eval-" not in n}
     assert len(runs) == 3  # parent + 2 trials: the nano run was reused, not repeated
-    old = next(r for n, r in nano.items() if n.startswith("nano"))
+    old = next(r for n, r in nano.items() if n.startswith("nano") and "-eval-" not in n)
     again = runs[old.info.run_name]
     assert again.info.run_id == old.info.run_id and again.info.end_time == old.info.end_time
+    for run in (r for n, r in runs.items() if not n.startswith("study-")):
+        # The study's view of the trial's time: its wall time holds the loop and the rest.
+        m = run.data.metrics
+        assert m["final/time/trial_wall_s"] == pytest.approx(
+            m["final/time/train_loop_s"] + m["final/time/outside_training_s"])
+        assert m["final/time/outside_training_s"] > m["final/time/worker_start_s"] > 0
+        (child,) = eval_runs(uri, run.info.run_id)
+        assert child.info.status == "FINISHED"
+        assert child.data.metrics["eval/stories_ppl/bits_per_byte"] > 0, child.data.metrics
 
 
 def test_dry_run_json_lists_every_trial():

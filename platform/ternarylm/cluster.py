@@ -19,6 +19,14 @@ from ternarylm.config import ConfigError, TrialConfig, ternarylm_home
 
 DRIVER_RESOURCE = "trial_driver"  # a custom resource for trial drivers (Tune trials), no CPU
 
+# Ray Train settings of a cluster started here (a user's own value wins). Its controller polls
+# the workers every 2 s by default: a trial of half a minute then loses seconds at its start and
+# end waiting for the next poll. Its preemption watcher (another actor per trial) looks for node
+# drains, which a cluster of this machine's processes never has. `cluster/` configs set these
+# for clusters whose nodes can be preempted as they see fit.
+LOCAL_CLUSTER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+                     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 
 def ray_address() -> str | None:
     """The cluster to join: $RAY_ADDRESS, or the one `ray start` recorded on this machine if it
@@ -61,11 +69,36 @@ def connect_ray(address: str | None) -> str | None:
     if address is not None:
         ray.init(address=address, **quiet)
     else:
+        for name, value in LOCAL_CLUSTER_ENV.items():  # the local cluster's processes inherit it
+            os.environ.setdefault(name, value)
         ray.init(address="local", resources={DRIVER_RESOURCE: 1000}, **quiet)
     if not verbose():
-        logs = ray._private.worker._global_node.get_logs_dir_path()
-        print(f"worker logs: {logs} (on each node; --verbose shows them here)", flush=True)
+        print(f"worker logs: {session_logs()} (on each node; a study keeps this node's with its "
+              f"MLflow run, artifact logs/; --verbose shows them here)", flush=True)
     return address
+
+
+def session_logs() -> Path:
+    """This node's log folder of the Ray session the process is connected to."""
+    import ray
+
+    return Path(ray._private.worker._global_node.get_logs_dir_path())
+
+
+def keep_worker_logs(uri: str, run_id: str) -> None:
+    """Copy this node's worker logs (Ray Train's, DeepSpeed's, Tune's trial actors') to the
+    run's `logs/` artifact: Ray's session folder is temporary, the study's run is not."""
+    logs = session_logs()
+    kept = [p for p in [*logs.glob("worker-*.out"), *logs.glob("worker-*.err"),
+                        *logs.glob("train/*.log")] if p.is_file() and p.stat().st_size]
+    if not kept:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        for p in kept:
+            target = Path(d, p.relative_to(logs))
+            target.parent.mkdir(exist_ok=True)
+            target.write_bytes(p.read_bytes())
+        tracking.log_artifact(uri, run_id, d, "logs")
 
 
 def verbose() -> bool:

@@ -1,4 +1,8 @@
-"""Leaving the platform: a finished trial as a Hugging Face Llama checkpoint or a llama.cpp GGUF.
+"""Leaving the platform: a finished trial as a Hugging Face checkpoint or a llama.cpp GGUF.
+
+`--format hf` picks the architecture by `ModelConfig.block`: `llama` blocks become
+`LlamaForCausalLM` (dequantized weights, float activations), `bitnet` blocks
+`BitNetForCausalLM` with transformers' own BitNet quantization (see "BitNet" below).
 
 Our decoder is Llama's: pre-norm RMSNorm (eps 1e-6), causal attention with RoPE, SwiGLU, no
 biases. RoPE rotates halves (x[..., :D/2], x[..., D/2:]), exactly like transformers'
@@ -20,6 +24,21 @@ layer's scale, or its row's): codes exactly, scales up to fp16 rounding. Everyth
 back to f16 (or q8_0), norms to f32; `export_gguf` returns (and the CLI prints) which tensors
 fell back and why. The tokenizer must be byte-level BPE with merges (llama.cpp's `gpt2` model
 with the GPT-2 pre-tokenizer); anything else is refused with a one-line reason.
+
+BitNet: transformers' `BitNetForCausalLM` with `quantization_config` {quant_method: bitnet,
+linear_class: autobitlinear, quantization_mode: offline} turns every linear not listed in
+`modules_to_not_convert` into `AutoBitLinear` (transformers/integrations/bitnet.py), whose
+forward is F.linear(ActQuant(x), weight) * weight_scale, ActQuant being per-token absmax to
+int8 ([-128, 127]) like our `activation_codes(x, 8)` (x * (127 / max) there, x / (max / 127)
+here: equal but for float rounding). Our ternary layer stores its codes
+{-1, 0, 1} as `weight` and its absmean gamma as `weight_scale` (shape [1]: one per matrix), so
+transformers runs our forward pass, activation quantization included, to float rounding. The
+other layouts run something else: `online` mode requantizes latent weights with
+1 / mean|W| (no +EPS: a few codes at the 0.5 boundary flip) and the default `bitlinear` packs
+4 rows per byte and truncates rows that are not a multiple of 4 (683 for width 256).
+What AutoBitLinear cannot hold is refused: other schemes, per-row scales, activation bits
+other than 8, int8/int4 layers and quantized embeddings. Float linears (a float head) are listed
+in `modules_to_not_convert` and stay nn.Linear.
 """
 
 from __future__ import annotations
@@ -64,6 +83,17 @@ _HF_NAMES = {
     "mlp.up": "model.layers.{i}.mlp.up_proj.weight",
     "mlp.down": "model.layers.{i}.mlp.down_proj.weight",
 }
+
+# BitNetForCausalLM is Llama's layout plus the two sub-norms (transformers/models/bitnet).
+_HF_BITNET_NAMES = {
+    **_HF_NAMES,
+    "attn.sub_norm": "model.layers.{i}.self_attn.attn_sub_norm.weight",
+    "mlp.sub_norm": "model.layers.{i}.mlp.ffn_sub_norm.weight",
+}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "bitnet": "BitNetForCausalLM"}
+"""The HF class `--format hf` writes for each `ModelConfig.block`."""
+BITNET_SCHEME = "absmean"  # BitNet b1.58: one mean|W| scale per matrix
+BITNET_ACTIVATION_BITS = 8  # AutoBitLinear's ActQuant is int8, fixed
 
 
 class ExportError(UserError):
@@ -113,8 +143,12 @@ def _activation_bits(model: TernaryLM) -> int | None:
     return max(bits) if bits else None
 
 
+def _block(model: TernaryLM) -> str:
+    return getattr(model.cfg, "block", "llama")
+
+
 def quantization_note(model: TernaryLM) -> str:
-    """What the exported model does differently from ours: activations stay in float."""
+    """What the exported Llama model does differently from ours: activations stay in float."""
     bits = _activation_bits(model)
     if bits is None:
         return _WEIGHTS_NOTE + ("neither did this model (trained with activation quantization "
@@ -124,12 +158,34 @@ def quantization_note(model: TernaryLM) -> str:
                             f"from the trained model's.")
 
 
+def hf_note(model: TernaryLM) -> str:
+    """The HF export's note (config.json, model card, CLI output): its class and what it does
+    differently from ours."""
+    if _block(model) == "bitnet":
+        return bitnet_note(model)
+    return f"Exported as LlamaForCausalLM. {quantization_note(model)}"
+
+
+def bitnet_note(model: TernaryLM) -> str:
+    """The BitNet export's note: it quantizes what ours quantizes, so only rounding differs."""
+    if _activation_bits(model) is None:  # no quantized linear at all (see bitnet_float_linears)
+        return ("Exported as BitNetForCausalLM with float weights, as trained (no quantized "
+                "layer): stock transformers reproduces its logits to float rounding.")
+    return ("Exported as BitNetForCausalLM (transformers' bitnet quantization, AutoBitLinear, "
+            "offline mode): every ternary linear stores its trained codes {-1, 0, 1} as `weight` "
+            "and its absmean scale as `weight_scale`, and transformers quantizes its input to 8 "
+            "bits per token (absmax) as the ternarylm model did, so logits equal the trained "
+            "model's up to float rounding (an activation on an int8 rounding tie may get the "
+            "neighbouring code). Float layers are in modules_to_not_convert. Loading needs the "
+            "`accelerate` package; transformers compiles its quantizers with torch.compile.")
+
+
 def _check_llama_blocks(model: TernaryLM) -> None:
-    block = getattr(model.cfg, "block", "llama")
+    block = _block(model)
     if block != "llama":
-        raise ExportError(f"only `llama` blocks (SwiGLU) map to Llama; this model has {block!r} "
-                          f"blocks, which LlamaForCausalLM and llama.cpp's llama architecture "
-                          f"would run wrongly")
+        raise ExportError(f"only `llama` blocks (SwiGLU) map to llama.cpp's llama architecture; "
+                          f"this model has {block!r} blocks, which it would run wrongly: export "
+                          f"them with --format hf ({ARCHITECTURES.get(block, 'no HF class')})")
 
 
 @dataclass
@@ -143,7 +199,6 @@ def _load(source: str | Path) -> _Source:
     from ternarylm.artifacts import load_trained
 
     trained = load_trained(source)
-    _check_llama_blocks(trained.model)
     run = None
     if not Path(source).is_dir():  # load_trained accepted it, so it is a run id
         from ternarylm import tracking
@@ -162,6 +217,13 @@ class HFExport:
     tied: bool
     quantization_note: str
     files: list[str] = field(default_factory=list)
+    architecture: str = "LlamaForCausalLM"
+    """The transformers class written: `ARCHITECTURES[block]`."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "format": "hf", "architecture": self.architecture,
+                "tied": self.tied, "files": self.files,
+                "quantization_note": self.quantization_note}
 
 
 def llama_config(model: TernaryLM, eos_id: int, tied: bool):
@@ -180,22 +242,100 @@ def llama_config(model: TernaryLM, eos_id: int, tied: bool):
         architectures=["LlamaForCausalLM"], dtype="float32")
 
 
-def hf_state_dict(model: TernaryLM) -> tuple[dict[str, torch.Tensor], bool]:
-    """LlamaForCausalLM tensors (dequantized) and whether the head stays tied to the embedding.
+def bitnet_config(model: TernaryLM, eos_id: int, tied: bool, float_linears: list[str] | None):
+    """transformers.BitNetConfig of our model (fp32, multi-head attention, default RoPE).
 
+    float_linears: the HF modules that stay nn.Linear (`bitnet_float_linears`); every other
+    linear becomes transformers' AutoBitLinear in offline mode. None: nothing is quantized, so
+    no quantization_config (and no `accelerate` needed to load it).
+    """
+    from transformers import BitNetConfig
+
+    cfg = model.cfg
+    quantization = {} if float_linears is None else {"quantization_config": {
+        "quant_method": "bitnet", "linear_class": "autobitlinear",
+        "quantization_mode": "offline", "use_rms_norm": False,
+        # Listed explicitly: a given list replaces transformers' default skips (lm_head).
+        "modules_to_not_convert": float_linears}}
+    # No head_dim: BitNetConfig has no such field; attention takes hidden_size // heads.
+    return BitNetConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads, hidden_act="relu2",
+        max_position_embeddings=cfg.seq_len, rms_norm_eps=RMS_NORM_EPS,  # its default is 1e-5
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_base)},
+        tie_word_embeddings=tied, attention_bias=False, attention_dropout=0.0,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=None,
+        architectures=["BitNetForCausalLM"], dtype="float32", **quantization)
+
+
+def bitnet_float_linears(model: TernaryLM) -> list[str] | None:
+    """HF names of the model's float linears (None when no layer is quantized), after checking
+    that every quantized layer is one AutoBitLinear runs as ours: ternary absmean (one scale per
+    matrix) with 8-bit per-token activations. Raises ExportError, naming the first misfit."""
+    misfits, floats, quantized = [], [], False
+    for name, module in model.named_modules():
+        if isinstance(module, QuantEmbedding):  # BitNet's embedding is a plain float table
+            misfits.append(f"the embedding is {module.format}")
+        elif isinstance(module, QuantLinear):
+            quantized = True
+            bits = module.activation_bits
+            if module.format != BITNET_SCHEME:
+                misfits.append(f"{name} is {module.format}")
+            elif bits != BITNET_ACTIVATION_BITS:
+                misfits.append(f"{name} quantizes activations to {bits} bits" if bits else
+                               f"{name} does not quantize activations")
+        elif isinstance(module, nn.Linear):
+            block, part = _split(name)
+            floats.append(_HF_BITNET_NAMES[part].format(i=block).removesuffix(".weight"))
+    if misfits:
+        more = f" (and {len(misfits) - 1} more)" if len(misfits) > 1 else ""
+        raise ExportError(
+            f"cannot export to BitNetForCausalLM: {misfits[0]}{more}, but transformers' BitNet "
+            f"runs only {BITNET_SCHEME} ternary linears with {BITNET_ACTIVATION_BITS}-bit "
+            f"activations, float linears and a float embedding; train with scheme "
+            f"{BITNET_SCHEME} and activation_bits {BITNET_ACTIVATION_BITS} (e.g. recipe "
+            f"bitnet_b158), or keep this model in our format (`ternarylm pack`)")
+    return floats if quantized else None
+
+
+def hf_config(model: TernaryLM, eos_id: int, tied: bool):
+    """The transformers config of the class `ARCHITECTURES` picks for the model's block."""
+    if _block(model) == "bitnet":
+        return bitnet_config(model, eos_id, tied, bitnet_float_linears(model))
+    return llama_config(model, eos_id, tied)
+
+
+def hf_state_dict(model: TernaryLM) -> tuple[dict[str, torch.Tensor], bool]:
+    """Tensors of the model's HF class and whether the head stays tied to the embedding.
+
+    LlamaForCausalLM: every weight dequantized (codes x scale). BitNetForCausalLM: float layers
+    as they are, each ternary linear as AutoBitLinear's `weight` (the codes, as floats) and
+    `weight_scale` (gamma, shape [1]), which it multiplies after the matmul.
     A tied head is kept tied only when its dequantized weight equals the embedding's (both fp,
     or the same quantizer); otherwise both are written and the export is untied.
     """
+    bitnet = _block(model) == "bitnet"
+    if bitnet:
+        bitnet_float_linears(model)  # refuses what AutoBitLinear would run differently
+    names = _HF_BITNET_NAMES if bitnet else _HF_NAMES
     layers = exported_layers(model)
     state = {}
     for name, layer in layers.items():
         block, part = _split(name)
-        if part not in _HF_NAMES:
-            raise ExportError(f"layer {name!r} has no LlamaForCausalLM counterpart")
-        state[_HF_NAMES[part].format(i=block)] = layer.weight.contiguous()
+        if part not in names:
+            raise ExportError(f"layer {name!r} has no {ARCHITECTURES[_block(model)]} "
+                              f"counterpart")
+        key = names[part].format(i=block)
+        if bitnet and layer.quantized is not None:
+            state[key] = layer.quantized.codes.float().contiguous()
+            state[key.removesuffix("weight") + "weight_scale"] = (
+                layer.quantized.scale.float().reshape(1))
+        else:
+            state[key] = layer.weight.contiguous()
     tied = bool(model.cfg.tie_head and torch.equal(layers["head"].weight, layers["embed"].weight))
     if tied:
-        del state[_HF_NAMES["head"]]
+        del state[names["head"]]
     return state, tied
 
 
@@ -216,12 +356,13 @@ def _model_card(src: _Source, note: str) -> str:
     """README.md: what the model is, the activation caveat, the run's final metrics (when the
     source is a run) and the trial config."""
     trial = src.trained.trial
-    lines = ["---", "library_name: transformers", "tags:", "- ternarylm", "- ternary", "- llama",
-             "---", "",
+    block = _block(src.trained.model)
+    lines = ["---", "library_name: transformers", "tags:", "- ternarylm", "- ternary",
+             f"- {block}", "---", "",
              f"# {trial.run_name}", "",
-             f"A {trial.size} decoder trained by ternarylm with the "
+             f"A {trial.size} decoder with `{block}` blocks trained by ternarylm with the "
              f"`{trial.scheme}` ternary scheme and the `{trial.plan.name}` precision plan, "
-             f"exported as a Llama checkpoint.", "",
+             f"exported as a `{ARCHITECTURES[block]}` checkpoint.", "",
              "## Quantization note", "", note, "", "## Source", "",
              f"- source: `{src.source}`" + (" (MLflow run)" if src.run is not None else ""), ""]
     if src.run is not None:
@@ -235,17 +376,22 @@ def _model_card(src: _Source, note: str) -> str:
 
 
 def export_hf(source: str | Path, out: str | Path) -> HFExport:
-    """Write a LlamaForCausalLM directory (config, safetensors, fast tokenizer, model card) that
-    transformers' Auto classes load with no code of ours."""
+    """Write a LlamaForCausalLM or BitNetForCausalLM directory, by the model's block (config,
+    safetensors, fast tokenizer, model card), that transformers' Auto classes load with no code
+    of ours. Everything is built before `out` is touched: a refused model writes nothing."""
     from safetensors.torch import save_file
 
     src = _load(source)
     model, eos_id = src.trained.model, src.trained.eos_id
+    if _block(model) not in ARCHITECTURES:
+        raise ExportError(f"no Hugging Face class for {_block(model)!r} blocks; blocks "
+                          f"exported: {', '.join(ARCHITECTURES)}")
+    state, tied = hf_state_dict(model)
+    note = hf_note(model)
+    config = hf_config(model, eos_id, tied)
+    tok = _hf_tokenizer(src.trained.tokenizer, eos_id, model.cfg.seq_len)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state, tied = hf_state_dict(model)
-    note = quantization_note(model)
-    config = llama_config(model, eos_id, tied)
     config.save_pretrained(out)
     # Extra keys are kept as config attributes; rope_theta is also written flat for
     # transformers < 5, which does not read rope_parameters.
@@ -265,14 +411,14 @@ def export_hf(source: str | Path, out: str | Path) -> HFExport:
                          pad_token_id=eos_id).save_pretrained(out)
     except Exception:  # an old transformers without it: generation defaults from config.json
         pass
-    tok = _hf_tokenizer(src.trained.tokenizer, eos_id, model.cfg.seq_len)
     tok.save_pretrained(out)
     # transformers >= 5 names the class TokenizersBackend; the old name loads in every version.
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     (out / "README.md").write_text(_model_card(src, note))
-    return HFExport(out, tied, note, sorted(p.name for p in out.iterdir()))
+    return HFExport(out, tied, note, sorted(p.name for p in out.iterdir()),
+                    ARCHITECTURES[_block(model)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +611,7 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "tq2_0",
                           f"got {fallback!r}")
     src = _load(source)
     model, cfg = src.trained.model, src.trained.model.cfg
+    _check_llama_blocks(model)
     # The tokenizer first: an unsupported one fails before anything is written.
     tokens, token_types, merges = gguf_vocab(src.trained.tokenizer, cfg.vocab_size)
     layers = exported_layers(model)

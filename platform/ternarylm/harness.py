@@ -340,6 +340,46 @@ def _task_manager(names: list[str], include_path: str | Path | None):
     return TaskManager(include_path=str(include_path) if include_path else None)
 
 
+@dataclass
+class EvalSettings:
+    """How a study evaluates every finished trial (`study.eval`); `evaluate`'s options."""
+
+    packed: bool = False
+    """Evaluate the packed file (the deployable model) instead of the latent weights."""
+    limit: int | float | None = None
+    """Examples per task (a count, or a fraction below 1); None evaluates them all."""
+    num_fewshot: int | None = None
+    """Few-shot examples; None keeps each task's default."""
+    include_path: str | None = None
+    """Folder of task YAMLs for tasks defined on local files (offline)."""
+    batch_size: int = 8
+    """Sequences scored per forward pass."""
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and not self.limit > 0:
+            raise EvalError(f"study.eval.limit must be positive, got {self.limit}")
+        if self.batch_size < 1:
+            raise EvalError(f"study.eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.include_path is not None and not Path(self.include_path).is_dir():
+            raise EvalError(f"study.eval.include_path {self.include_path}: no such directory "
+                            f"of task YAMLs")
+
+    def check_tasks(self, tasks: list[str]) -> None:
+        """Every task must be one lm-eval knows (here, or in include_path)."""
+        _check_known(_task_list(tasks), self.include_path)
+
+
+def _check_known(names: list[str], include_path: str | Path | None):
+    """The task manager, once every name is a task it knows; EvalError naming the others."""
+    manager = _task_manager(names, include_path)
+    unknown = [t for t in names if not manager.match_tasks([t])]
+    if unknown:
+        hint = (f" (no YAML under {include_path} defines it)" if include_path
+                else "; pass --include-path DIR for tasks defined in local YAML files")
+        raise EvalError(f"unknown lm-eval task(s) {', '.join(unknown)}{hint}")
+    return manager
+
+
 def evaluate(source: str | Path, tasks: str | list[str], *, packed: bool = False,
              include_path: str | Path | None = None, limit: int | float | None = None,
              num_fewshot: int | None = None, batch_size: int = 8, embedding_dtype: str = "int8",
@@ -353,12 +393,7 @@ def evaluate(source: str | Path, tasks: str | list[str], *, packed: bool = False
     names = _task_list(tasks)
     if include_path is not None and not Path(include_path).is_dir():
         raise EvalError(f"--include-path {include_path}: no such directory of task YAMLs")
-    manager = _task_manager(names, include_path)
-    unknown = [t for t in names if not manager.match_tasks([t])]
-    if unknown:
-        hint = (f" (no YAML under {include_path} defines it)" if include_path
-                else "; pass --include-path DIR for tasks defined in local YAML files")
-        raise EvalError(f"unknown lm-eval task(s) {', '.join(unknown)}{hint}")
+    manager = _check_known(names, include_path)
     em = model or load_eval_model(source, packed, embedding_dtype, device)
     lm = TernaryHarnessLM(model=em, batch_size=batch_size)
     t0 = time.perf_counter()

@@ -88,13 +88,21 @@ PACKED_RESIDENT = _declare("memory/packed_resident_bytes", "bytes", "bytes held 
 # Time, per launch of a trial.
 WORKER_INIT_S = _declare("time/worker_init_s", "s", "worker start to first training step "
                          "(imports, data, engine, checkpoint restore)", summary=True)
+WORKER_START_S = _declare("time/worker_start_s", "s", "Ray Train's launch of the worker group: "
+                          "fit() called to the worker's entry (actors, placement, process "
+                          "group)", summary=True)
+WORKER_EXPORT_S = _declare("time/worker_export_s", "s", "worker after the loop: the final "
+                           "model and packed file written, measured and logged", summary=True)
 TRAIN_LOOP_S = _declare("time/train_loop_s", "s", "wall time of the training loop (evaluations "
-                        "included)", summary=True)
+                        "included)", summary=True, column="train_loop_s")
 SETUP_S = _declare("time/setup_s", "s", "driver: checks, data, Ray and MLflow before training")
 FIT_S = _declare("time/fit_s", "s", "driver: Ray Train's fit(), worker group start to end")
 FINISH_S = _declare("time/finish_s", "s", "driver: plots and run closing after training")
+TRIAL_WALL_S = _declare("time/trial_wall_s", "s", "the study's view of one trial: Tune "
+                        "starting it to Tune seeing it end", summary=True, column="trial_wall_s")
 OUTSIDE_TRAINING_S = _declare("time/outside_training_s", "s", "everything of this launch but "
-                              "the training loop", summary=True)
+                              "the training loop (in a study: the trial's wall time as Tune saw "
+                              "it, less the loop)", summary=True, column="outside_loop_s")
 
 # A study's parent run.
 STUDY_TRIALS = _declare("study/trials", "trials", "trials in the study's grid")

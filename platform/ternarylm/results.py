@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -110,6 +111,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def time_line(rows: list[dict[str, Any]]) -> str | None:
+    """Where the trials trained in this launch spent their time (None if none did)."""
+    timed = [r for r in rows if r["trial_wall_s"] is not None and r["train_loop_s"] is not None]
+    if not timed:
+        return None
+    outside = statistics.median(r["outside_loop_s"] for r in timed)
+    return (f"time: {len(timed)} trials, training loops {sum(r['train_loop_s'] for r in timed):.0f}"
+            f" s in all, trials' wall time {sum(r['trial_wall_s'] for r in timed):.0f} s in all; "
+            f"per trial outside the training loop: median {outside:.1f} s")
+
+
 def best_per_cell(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Parent-run metrics: the lowest val bits per byte of each (size, plan) among finished
     trials (every scheme and seed of that cell)."""
@@ -206,6 +218,9 @@ def report_study(study, trials: list[TrialConfig], parent_run_id: str, uri: str,
     for w in warnings:
         print(f"warning: {w}", flush=True)
     print(markdown_table(rows), flush=True)
+    timing = time_line(rows)
+    if timing:
+        print(timing, flush=True)
     if front["frontier"]:
         print("frontier (packed bytes vs val bits per byte):", flush=True)
         print(frontier.markdown(front["frontier"]), flush=True)

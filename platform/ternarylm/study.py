@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,10 @@ from ternarylm.lr_search import (SEARCH_TAG, Choice, LRSearchConfig, choose, sea
 from ternarylm.recipes import recipe_overrides
 from ternarylm.model import ModelConfig
 from ternarylm.plans import PrecisionPlan
+from ternarylm.progress import StudyClock
 from ternarylm.quantizers import TERNARY_SCHEMES
 from ternarylm.cluster import (DRIVER_RESOURCE, check_capacity, check_storage, cluster_watch,
-                               connect_ray, ray_address)
+                               connect_ray, keep_worker_logs, ray_address, verbose)
 from ternarylm.cluster import storage_path as trial_storage_path
 from ternarylm.trial import run_trial
 
@@ -72,6 +74,11 @@ class StudyConfig:
     """GLUE fine-tuning settings (ternarylm.glue.GlueSettings fields: epochs, lr, ...)."""
     glue_data_dir: str | None = None
     """Folder of GLUE TSVs (<dir>/MRPC/train.tsv, ...); None loads them from the hub."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks to run on every finished trial (a child MLflow run each)."""
+    eval: dict[str, Any] = field(default_factory=dict)
+    """How (ternarylm.harness.EvalSettings fields: packed, limit, num_fewshot, include_path,
+    batch_size)."""
     recipes: list[str] = field(default_factory=list)
     """Named recipes (ternarylm.recipes: fp, paper, bitnet_b158, trilm, paretoq): an axis that
     replaces schemes x plans, each recipe bringing its block, scheme, plan and schedule."""
@@ -118,6 +125,9 @@ class StudyConfig:
             for task in self.glue_tasks:
                 task_spec(task)
             GlueSettings.from_dict(self.glue)
+        if self.eval_tasks:
+            from ternarylm.harness import EvalSettings
+            _build(EvalSettings, self.eval, "study.eval").check_tasks(self.eval_tasks)
         self.search = (_build(LRSearchConfig, self.lr_search, "study.lr_search")
                        if self.lr_search is not None else None)
         self.trials()  # every cell must be a valid trial before anything starts
@@ -202,6 +212,13 @@ def trial_vocab(t: TrialConfig) -> tuple[int, str]:
     return default, f"{t.data.tokenizer} not on this machine: the model's default"
 
 
+def trial_flops(t: TrialConfig, vocab: int | None = None) -> float:
+    """Training FLOPs of a trial, as its `progress/flops` will log (its real vocabulary unless
+    `vocab` is given)."""
+    vocab = vocab if vocab is not None else trial_vocab(t)[0]
+    return t.model_config(vocab).flops_per_token(t.seq_len) * t.train.steps * t.global_batch_tokens
+
+
 def trial_table(study: StudyConfig) -> list[dict[str, Any]]:
     """What the study will run: params, tokens, FLOPs (with each trial's real vocabulary, as
     its `progress/flops` will log) and GPU-hours at the assumed MFU; with an lr search, its
@@ -213,7 +230,7 @@ def trial_table(study: StudyConfig) -> list[dict[str, Any]]:
         vocab, source = vocabs.setdefault(repr(t.data), trial_vocab(t))
         cfg = t.model_config(vocab)
         tokens = t.train.steps * t.global_batch_tokens
-        flops = cfg.flops_per_token(t.seq_len) * tokens
+        flops = trial_flops(t, vocab)
         return {"role": role, "size": t.size, "scheme": t.scheme, "plan": t.plan.name,
                 "seed": t.seed, "lr": t.train.lr if role == "search" or not study.search
                 else None, "params": cfg.param_counts()["params_non_embedding"],
@@ -235,7 +252,10 @@ def _tune_trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg: TrialConfig = config["trial"]["spec"]
-    # Tune actors inherit the cluster's environment, not the study driver's: pass the URI.
+    # Tune actors inherit the cluster's environment, not the study driver's: pass the URI
+    # (GLUE and the harness log their child runs where $MLFLOW_TRACKING_URI says).
+    if config.get("tracking_uri"):
+        os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
     result = run_trial(cfg, parent_run_id=config["parent_run_id"],
                        callbacks=[TuneReportCallback()], tracking_uri=config.get("tracking_uri"),
                        tags=config["tags"])
@@ -245,28 +265,48 @@ def _tune_trial(config: dict[str, Any]) -> None:
         for task in glue["tasks"]:
             finetune_and_log(result.run_id, task, GlueSettings.from_dict(glue["settings"]),
                              glue["data_dir"])
+    evals = config["eval"]
+    if evals["tasks"] and not _has_eval(result.run_id, evals["tasks"]):
+        from ternarylm.harness import EvalSettings, evaluate
+        settings = _build(EvalSettings, evals["settings"], "study.eval")
+        evaluate(result.run_id, evals["tasks"], **dataclasses.asdict(settings))
     tune.report({**{M.final(k): v for k, v in result.metrics.items()},
                  "skipped": float(result.skipped)})
 
 
-def _study_callback(experiment: str, uri: str, n_trials: int):
-    """A Tune callback: one progress line per report and per finished trial, and MLflow runs
-    closed when a trial stops early (ASHA) or errors, since its workers die without closing."""
+def _has_eval(run_id: str, tasks: list[str]) -> bool:
+    """Whether the trial already has a finished evaluation child run of these tasks (a rerun of
+    the study does not evaluate again)."""
+    from ternarylm.harness import EVAL_TASKS_TAG
+
+    found = tracking.client().search_runs(
+        [tracking.client().get_run(run_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{run_id}' and tags.`{EVAL_TASKS_TAG}` = '{','.join(tasks)}'"
+        f" and attributes.status = 'FINISHED'")
+    return bool(found)
+
+
+def _study_callback(experiment: str, uri: str, clock: StudyClock):
+    """A Tune callback: one progress line per evaluation and per finished trial, each starting
+    with where the study stands (done, running, left, time to go), and MLflow runs closed when
+    a trial stops early (ASHA) or errors, since its workers die without closing them."""
     from ray import tune
 
     from ternarylm.cluster import NodeWait
 
     class StudyProgress(tune.Callback):
-        done = 0
         waiting = NodeWait()  # what trials wait for while an autoscaler adds nodes
 
         def on_step_begin(self, iteration, trials, **info):
             line = self.waiting.line()
             if line:
-                print(f"[{self.done}/{n_trials} done] {line}", flush=True)
+                print(f"[{clock.line()}] {line}", flush=True)
 
         def _line(self, trial, text: str) -> None:
-            print(f"[{self.done}/{n_trials} done] {_trial_name(trial)}: {text}", flush=True)
+            print(f"[{clock.line()}] {_trial_name(trial)}: {text}", flush=True)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            clock.start(_trial_name(trial))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if M.VAL_LOSS in result:
@@ -275,16 +315,23 @@ def _study_callback(experiment: str, uri: str, n_trials: int):
                                   f"{result[M.VAL_LOSS]:.4f}  {M.VAL_BPB} {result[M.VAL_BPB]:.4f}")
 
         def _close(self, trial, status: str, reason: str) -> None:
-            self.done += 1
+            name = _trial_name(trial)
+            clock.end(name)
+            took = f" in {clock.finished[name]:.0f} s"
             run = tracking.find_trial_run(uri, experiment, trial.config["trial"]["key"])
             if run is not None and run.info.status == "RUNNING":
                 tracking.end_run(uri, run.info.run_id, status, reason)
-                self._line(trial, f"{status}: {reason}")
+                self._line(trial, f"{status}{took}: {reason}")
             elif run is None:
                 self._line(trial, "no MLflow run")
             else:
+                if not (trial.last_result or {}).get("skipped"):
+                    _log_trial_wall(uri, run, clock.finished[name])
                 failure = run.data.tags.get("ternarylm.failure")
-                self._line(trial, run.info.status + (f": {failure}" if failure else ""))
+                bpb = M.finals(run.data.metrics).get(M.VAL_BPB)
+                self._line(trial, run.info.status + took
+                           + (f": {failure}" if failure else "")
+                           + (f"  {M.VAL_BPB} {bpb:.4f}" if bpb is not None else ""))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._close(trial, "KILLED", "stopped early by the scheduler")
@@ -293,6 +340,17 @@ def _study_callback(experiment: str, uri: str, n_trials: int):
             self._close(trial, "FAILED", "trial errored (see the Ray Tune logs)")
 
     return StudyProgress()
+
+
+def _log_trial_wall(uri: str, run, seconds: float) -> None:
+    """The trial's wall time as the study saw it, and what of it was outside the training
+    loop (Tune's actor, the driver's checks, Ray Train's launch and teardown, the export),
+    with their `final/` summaries."""
+    values = {M.TRIAL_WALL_S: seconds}
+    loop = run.data.metrics.get(M.TRAIN_LOOP_S)
+    if loop is not None:
+        values[M.OUTSIDE_TRAINING_S] = seconds - loop
+    tracking.log_at_last_step(uri, run.info.run_id, values)
 
 
 def open_study_run(study: StudyConfig, experiment: str, uri: str) -> str:
@@ -352,6 +410,7 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
             summary["lr_search"] = report_lr_search(choices, parent, uri)
             trials = [t for ts in cells.values() for t in ts]
         tune_run.fit(trials, study.scheduler, {}, summary)
+    keep_worker_logs(uri, parent)
     summary |= report_study(study, trials, parent, uri, summary["errors"])
     for key in ("trained", "skipped"):
         summary[key] = sorted(summary[key])
@@ -396,6 +455,10 @@ class _TuneRun:
         """Run `trials` through one Tuner; adds names and errors to `summary`."""
         from ray import tune
 
+        if not verbose():  # Tune's own reporter would print its banner whatever `verbose` says
+            os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        clock = StudyClock(self.study.max_concurrent,
+                           {t.run_name: trial_flops(t) for t in trials})
         scheduler = None
         if scheduler_name == "asha":
             from ray.tune.schedulers import ASHAScheduler
@@ -406,6 +469,8 @@ class _TuneRun:
                        "parent_run_id": self.parent,
                        "glue": {"tasks": [] if tags else self.study.glue_tasks,
                                 "settings": self.study.glue, "data_dir": self.study.glue_data_dir},
+                       "eval": {"tasks": [] if tags else self.study.eval_tasks,
+                                "settings": self.study.eval},
                        "tracking_uri": self.uri, "tags": tags}
         tuner = tune.Tuner(
             tune.with_resources(_tune_trial, _driver_resources()),
@@ -416,7 +481,7 @@ class _TuneRun:
             run_config=tune.RunConfig(
                 name=f"study-{self.study.name}-{int(time.time() * 1000)}",
                 storage_path=trials[0].storage_path,
-                callbacks=[_study_callback(self.experiment, self.uri, len(trials))], verbose=0),
+                callbacks=[_study_callback(self.experiment, self.uri, clock)], verbose=0),
         )
         grid = tuner.fit()
         # The last line of a trial's error is its own exception (Ray prefixes task details).

@@ -210,6 +210,15 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client(uri).get_metric_history(run_id, key))
 
 
+def log_at_last_step(uri: str, run_id: str, values: dict[str, float]) -> None:
+    """Log `values` (and their `final/` summaries) at the run's last training step: what a
+    driver measures about a run its workers have finished."""
+    step = max((s for s, _ in metric_history(uri, run_id, metrics.TRAIN_LOSS)), default=0)
+    now = int(time.time() * 1000)
+    client(uri).log_batch(run_id, metrics=[
+        Metric(k, v, now, step) for k, v in (values | metrics.summary_of(values)).items()])
+
+
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     path = Path(path)
     c = client(uri)

@@ -18,7 +18,6 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from ternarylm.optim import TrainSchedule, param_groups
 from ternarylm.packing import PACKED_ARTIFACT_PATH, pack_model, provenance
 from ternarylm.plans import apply_plan
 from ternarylm.quantizers import TERNARY_SCHEMES
+from ternarylm.worker import TrialRuntime
 
 CHECKPOINT_TAG = "ckpt"
 DIVERGED_TAG = "ternarylm.diverged"
@@ -61,14 +61,6 @@ def deepspeed_config(cfg: TrialConfig, bf16: bool) -> dict[str, Any]:
     }
 
 
-@dataclass
-class TrialRuntime:
-    """What a worker needs beyond the config: where to log, and which run."""
-
-    tracking_uri: str
-    run_id: str
-
-
 def build_engine(cfg: TrialConfig, vocab_size: int, device: torch.device,
                  bf16: bool) -> tuple[Any, dict[str, str]]:
     """The trial's model under its plan, with its AdamW and schedule, in a DeepSpeed engine;
@@ -89,10 +81,10 @@ def build_engine(cfg: TrialConfig, vocab_size: int, device: torch.device,
     return engine, formats
 
 
-def train_worker(payload: dict[str, Any]) -> None:
-    """Entry point of every Ray Train worker (`train_loop_per_worker`): the trial's config and
-    runtime arrive as objects, validated once by the driver."""
-    started = time.perf_counter()
+def run_worker(payload: dict[str, Any]) -> None:
+    """What every Ray Train worker runs (through `ternarylm.worker.train_worker`): the trial's
+    config and runtime arrive as objects, validated once by the driver."""
+    started, entered_at = time.perf_counter(), time.time()
     cfg: TrialConfig = payload["trial"]
     # DeepSpeed picks its accelerator at import; without this it may probe for CUDA on CPU hosts.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")
@@ -122,7 +114,10 @@ def train_worker(payload: dict[str, Any]) -> None:
     if step:
         log.set_tags({"ternarylm.resumed_from_step": step})
     loop = _Loop(cfg, engine, data, formats, rank, world, device, log)
-    loop.run(step, init_seconds=time.perf_counter() - started)
+    launch = {M.WORKER_INIT_S: time.perf_counter() - started}
+    if runtime.launched_at is not None:  # same clock on one machine; NTP-close across nodes
+        launch[M.WORKER_START_S] = max(0.0, entered_at - runtime.launched_at)
+    loop.run(step, launch)
 
 
 class _Loop:
@@ -137,7 +132,9 @@ class _Loop:
         self.flops_per_token = self.model_cfg.flops_per_token(cfg.seq_len)
         self.peak_flops = _peak_flops(device)
 
-    def run(self, step: int, init_seconds: float) -> None:
+    def run(self, step: int, launch: dict[str, float]) -> None:
+        """Train from `step` to the end; `launch` holds this launch's start-up times, logged
+        at the last step."""
         import ray.train
 
         t = self.cfg.train
@@ -159,8 +156,7 @@ class _Loop:
             if step % t.eval_every == 0 or step == t.steps:
                 metrics |= self.evaluate(step)
             if step == t.steps:  # what this launch spent outside the training loop, for reports
-                metrics |= {M.WORKER_INIT_S: init_seconds,
-                            M.TRAIN_LOOP_S: time.perf_counter() - loop_start}
+                metrics |= launch | {M.TRAIN_LOOP_S: time.perf_counter() - loop_start}
             self.log.log(step, {k: v for k, v in metrics.items() if k != "step"})
             if step % t.checkpoint_every == 0 or step == t.steps:
                 self.log.flush()  # before the checkpoint: a resume never leaves a gap
@@ -171,10 +167,13 @@ class _Loop:
 
     def _finish(self, step: int) -> None:
         """The trial's artifacts, their measured sizes, then the run's `final/` summary."""
+        started = time.perf_counter()
         with self._gathered():  # a collective: every rank takes part
             if self.rank == 0:
                 with tempfile.TemporaryDirectory() as d:
-                    self.log.log(step, self._export_model(Path(d)))
+                    measured = self._export_model(Path(d))
+                    self.log.log(step, measured | {
+                        M.WORKER_EXPORT_S: time.perf_counter() - started})
         self.log.flush()
         self.log.log_summary()
 

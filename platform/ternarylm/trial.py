@@ -1,4 +1,4 @@
-"""One trial: a Ray Train `TorchTrainer` run of `train.train_worker`, recorded as one MLflow run.
+"""One trial: a Ray Train `TorchTrainer` run of `worker.train_worker`, recorded as one MLflow run.
 
 The driver (this module) validates, prepares the data once, creates or resumes the trial's
 MLflow run, and after training draws the plots and closes the run. Metrics flow one way: the
@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric
-
 from ternarylm import metrics as M
 from ternarylm import plots, tracking
 from ternarylm.cluster import (check_capacity, check_storage, cluster_watch, connect_ray,
                                ray_address, storage_path)
 from ternarylm.config import TrialConfig
 from ternarylm.data import prepare_data
-from ternarylm.train import DIVERGED_TAG, TrialRuntime, train_worker
+from ternarylm.train import DIVERGED_TAG
+from ternarylm.worker import TrialRuntime, train_worker
 
 
 class TrialFailed(RuntimeError):
@@ -106,8 +105,10 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
     if finished is not None:
         return _existing_result(uri, finished)
     tracking.log_params(uri, run_id, cfg.flat())
-    trainer = build_trainer(cfg, TrialRuntime(uri, run_id), callbacks)
+    runtime = TrialRuntime(uri, run_id)
+    trainer = build_trainer(cfg, runtime, callbacks)
     t1 = time.perf_counter()
+    runtime.launched_at = time.time()  # the trainer holds this object until fit() ships it
     try:
         # Inside a study's Tune actor the cluster's loss ends the actor; watch only as a CLI.
         watch = address if parent_run_id is None else None
@@ -127,11 +128,7 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
     loop = (result.metrics or {}).get(M.TRAIN_LOOP_S)
     if loop is not None:  # absent when resumed at the last step
         seconds[M.OUTSIDE_TRAINING_S] = sum(seconds.values()) - loop
-    step = max((s for s, _ in tracking.metric_history(uri, run_id, M.TRAIN_LOSS)), default=0)
-    now = int(time.time() * 1000)
-    timings = seconds | M.summary_of(seconds)  # the driver's own summary metrics
-    tracking.client(uri).log_batch(run_id, metrics=[Metric(k, v, now, step)
-                                                    for k, v in timings.items()])
+    tracking.log_at_last_step(uri, run_id, seconds)
     return TrialResult(run_id, cfg.key(), "FINISHED",
                        M.finals(tracking.client(uri).get_run(run_id).data.metrics),
                        seconds=seconds)
