@@ -30,7 +30,9 @@ _BATCH = 100  # MLflow's REST API caps a log_batch at 1,000 metrics and 100 para
 
 
 def quiet_mlflow() -> None:
-    """Keep MLflow's INFO chatter (store creation, migrations) off the console."""
+    """Keep MLflow's INFO chatter (store creation, migrations) and its artifact progress bars
+    off the console."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
