@@ -365,3 +365,15 @@ def test_a_packed_bitnet_model_computes_what_training_computes(tmp_path, one_tor
     # difference upstream may flip an activation code now and then (as in test_packing)
     assert errors[-1] < (1e-4 if activation_bits is None else 1e-2), errors
     assert errors[1] < 1e-5, errors
+
+
+def test_results_table_names_each_rows_recipe_in_a_recipe_study():
+    from ternarylm.results import markdown_table
+
+    cols = ("size", "scheme", "plan", "seed", "N", "D", "status", "val_loss", "val_ppl",
+            "val_bpb", "train_val_ratio", "sparsity", "packed_bytes")
+    row = dict.fromkeys(cols, 1) | {"size": "nano", "scheme": "absmean", "plan": "all_ternary"}
+    recipes = markdown_table([row | {"recipe": "bitnet_b158"}, row | {"recipe": "fp"}])
+    assert recipes.splitlines()[0].startswith("| size | recipe | scheme |")
+    assert "| nano | bitnet_b158 | absmean |" in recipes
+    assert "recipe" not in markdown_table([row | {"recipe": None}])

@@ -104,7 +104,8 @@ def _fmt(value: Any) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    cols = ("size", "scheme", "plan", "seed", "N", "D", "status", "val_loss", "val_ppl",
+    recipe = ("recipe",) if any(r["recipe"] for r in rows) else ()  # a study over recipes
+    cols = ("size", *recipe, "scheme", "plan", "seed", "N", "D", "status", "val_loss", "val_ppl",
             "val_bpb", "train_val_ratio", "sparsity", "packed_bytes")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
