@@ -486,7 +486,8 @@ class _TuneRun:
         grid = tuner.fit()
         # The last line of a trial's error is its own exception (Ray prefixes task details).
         summary["errors"] += [str(e).strip().splitlines()[-1][:400] for e in grid.errors]
-        finished = [r for r in grid if r.error is None and r.metrics]
+        # After a Ctrl-C, Tune hands back some results without their config: nothing to name.
+        finished = [r for r in grid if r.error is None and r.metrics and r.config]
         summary["skipped"] += [_trial_name(r) for r in finished if r.metrics.get("skipped")]
         summary["trained"] += [_trial_name(r) for r in finished if not r.metrics.get("skipped")]
 
