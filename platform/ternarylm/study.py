@@ -270,8 +270,12 @@ def _tune_trial(config: dict[str, Any]) -> None:
         from ternarylm.harness import EvalSettings, evaluate
         settings = _build(EvalSettings, evals["settings"], "study.eval")
         evaluate(result.run_id, evals["tasks"], **dataclasses.asdict(settings))
-    tune.report({**{M.final(k): v for k, v in result.metrics.items()},
-                 "skipped": float(result.skipped)})
+    final = {M.final(k): v for k, v in result.metrics.items()}
+    if M.VAL_LOSS in result.metrics:
+        # A scheduler (ASHA) ranks every result by it at its time attribute, a skipped trial's
+        # only result included.
+        final |= {M.VAL_LOSS: result.metrics[M.VAL_LOSS], "step": cfg.train.steps}
+    tune.report({**final, "skipped": float(result.skipped)})
 
 
 def _has_eval(run_id: str, tasks: list[str]) -> bool:
