@@ -274,7 +274,8 @@ def _tune_trial(config: dict[str, Any]) -> None:
     if M.VAL_LOSS in result.metrics:
         # A scheduler (ASHA) ranks every result by it at its time attribute, a skipped trial's
         # only result included.
-        final |= {M.VAL_LOSS: result.metrics[M.VAL_LOSS], "step": cfg.train.steps}
+        final |= {k: result.metrics[k] for k in (M.VAL_LOSS, M.VAL_BPB) if k in result.metrics}
+        final["step"] = cfg.train.steps
     tune.report({**final, "skipped": float(result.skipped)})
 
 
@@ -313,7 +314,7 @@ def _study_callback(experiment: str, uri: str, clock: StudyClock):
             clock.start(_trial_name(trial))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if M.VAL_LOSS in result:
+            if M.VAL_LOSS in result and M.VAL_BPB in result:
                 steps = trial.config["trial"]["steps"]
                 self._line(trial, f"step {int(result['step'])}/{steps}  {M.VAL_LOSS} "
                                   f"{result[M.VAL_LOSS]:.4f}  {M.VAL_BPB} {result[M.VAL_BPB]:.4f}")
