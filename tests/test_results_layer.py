@@ -176,3 +176,16 @@ def test_experiments_open_in_the_model_training_view(mlflow_uri):
     exp_id = tracking.ensure_experiment("kind-test", mlflow_uri)
     exp = tracking.client(mlflow_uri).get_experiment(exp_id)
     assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_a_resumed_run_loses_the_reason_it_ended_before(tmp_path):
+    from ternarylm import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment("resume", uri)
+    run_id = tracking.start_run(uri, exp, "trial", {}, None)
+    tracking.end_run(uri, run_id, "KILLED", "stopped early by the scheduler")
+    assert tracking.client(uri).get_run(run_id).data.tags[tracking.FAILURE_TAG]
+    tracking.resume_run(uri, run_id)
+    run = tracking.client(uri).get_run(run_id)
+    assert run.info.status == "RUNNING" and tracking.FAILURE_TAG not in run.data.tags

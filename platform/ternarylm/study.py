@@ -332,7 +332,7 @@ def _study_callback(experiment: str, uri: str, clock: StudyClock):
             else:
                 if not (trial.last_result or {}).get("skipped"):
                     _log_trial_wall(uri, run, clock.finished[name])
-                failure = run.data.tags.get("ternarylm.failure")
+                failure = run.data.tags.get(tracking.FAILURE_TAG)
                 bpb = M.finals(run.data.metrics).get(M.VAL_BPB)
                 self._line(trial, run.info.status + took
                            + (f": {failure}" if failure else "")

@@ -108,14 +108,21 @@ def start_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
     return client(uri).create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
 
+FAILURE_TAG = "ternarylm.failure"
+"""Why a run ended without finishing (set by `end_run`, cleared when it resumes)."""
+
+
 def resume_run(uri: str, run_id: str) -> None:
-    client(uri).update_run(run_id, status="RUNNING")
+    c = client(uri)
+    if FAILURE_TAG in c.get_run(run_id).data.tags:  # an earlier ending's reason, now stale
+        c.delete_tag(run_id, FAILURE_TAG)
+    c.update_run(run_id, status="RUNNING")
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
     c = client(uri)
     if reason:
-        c.set_tag(run_id, "ternarylm.failure", reason[:4000])
+        c.set_tag(run_id, FAILURE_TAG, reason[:4000])
     c.set_terminated(run_id, status=status)
 
 
