@@ -467,8 +467,10 @@ class _TuneRun:
         scheduler = None
         if scheduler_name == "asha":
             from ray.tune.schedulers import ASHAScheduler
+            # max_t past the last step: ASHA stops a trial that reaches max_t, and a trial
+            # stopped as its last evaluation arrives dies before its driver finishes its run.
             scheduler = ASHAScheduler(metric=M.VAL_LOSS, mode="min", time_attr="step",
-                                      max_t=max(t.train.steps for t in trials),
+                                      max_t=max(t.train.steps for t in trials) + 1,
                                       grace_period=min(t.train.eval_every for t in trials))
         param_space = {"trial": tune.grid_search([_tune_entry(t) for t in trials]),
                        "parent_run_id": self.parent,
