@@ -35,7 +35,7 @@ def study_yaml(path: Path, corpus: Path, sizes: list[str], plans: list[str],
     return path
 
 
-def submit_job(args: list[str], env: dict, wait: float = 120) -> subprocess.CompletedProcess:
+def submit_job(args: list[str], env: dict, wait: float = 300) -> subprocess.CompletedProcess:
     """`ray job submit`, retried while the head's job agent is still starting (a fresh head
     answers `ray status` a few seconds before it takes jobs)."""
     deadline = time.time() + wait
