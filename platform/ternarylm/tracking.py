@@ -206,13 +206,8 @@ class MlflowTracker:
         resumed after its last step still gets its summary)."""
         if not self.enabled:
             return
-        c = client(self.uri)
-        latest = c.get_run(self.run_id).data.metrics
-        history = c.get_metric_history(self.run_id, self.progress_key)
-        step = max((m.step for m in history), default=0)
-        now = int(time.time() * 1000)
-        c.log_batch(self.run_id, metrics=[Metric(k, v, now, step)
-                                          for k, v in metrics.summary_of(latest).items()])
+        latest = client(self.uri).get_run(self.run_id).data.metrics
+        _log_at_step_of(self.uri, self.run_id, metrics.summary_of(latest), self.progress_key)
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -222,10 +217,14 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 def log_at_last_step(uri: str, run_id: str, values: dict[str, float]) -> None:
     """Log `values` (and their `final/` summaries) at the run's last training step: what a
     driver measures about a run its workers have finished."""
-    step = max((s for s, _ in metric_history(uri, run_id, metrics.TRAIN_LOSS)), default=0)
+    _log_at_step_of(uri, run_id, values | metrics.summary_of(values), metrics.TRAIN_LOSS)
+
+
+def _log_at_step_of(uri: str, run_id: str, values: dict[str, float], progress_key: str) -> None:
+    """Log `values` at the last step `progress_key` was logged at (0 if never)."""
+    step = max((s for s, _ in metric_history(uri, run_id, progress_key)), default=0)
     now = int(time.time() * 1000)
-    client(uri).log_batch(run_id, metrics=[
-        Metric(k, v, now, step) for k, v in (values | metrics.summary_of(values)).items()])
+    client(uri).log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
 
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
