@@ -15,9 +15,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from ternarylm import tracking
 from ternarylm.config import ConfigError
 from ternarylm.lr_search import SEARCH_TAG, LRSearchConfig, choose, search_trials
-from ternarylm.study import StudyConfig, trial_table
+from ternarylm.study import STOPPED_EARLY, StudyConfig, pending_search_trials, trial_table
+from ternarylm.trial import open_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,3 +111,25 @@ def test_search_on_tune_picks_per_cell_and_a_rerun_reuses_it(tmp_path, tinystori
     second = run()
     assert second["trained"] == [] and len(second["skipped"]) == 4
     assert second["lr_search"] == first["lr_search"]
+
+
+def test_a_rerun_trains_only_undecided_search_trials(tinystories, mlflow_uri):
+    """Finished and ASHA-stopped search trials are decided; failed, interrupted and new ones are
+    trained again."""
+    study = StudyConfig(sizes=["nano"], schemes=["absmean"], plans=["all_ternary"], seeds=[0],
+                        tokens=20480, trial={"seq_len": 64, "data": {
+                            "source": str(tinystories), "tokenizer": "char"}},
+                        lr_search={"values": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]})
+    trials = search_trials(next(iter(study.cells().values()))[0], study.search)
+    endings = [("FINISHED", None), ("KILLED", STOPPED_EARLY), ("KILLED", "interrupted"),
+               ("FAILED", "trial errored")]
+    for t, (status, reason) in zip(trials, endings):
+        run_id, _ = open_run(t, mlflow_uri, None, {SEARCH_TAG: "nano/absmean/all_ternary"})
+        tracking.end_run(mlflow_uri, run_id, status, reason)
+    pending = pending_search_trials(mlflow_uri, trials)
+    assert [t.train.lr for t in pending] == [1e-2, 3e-2, 1e-1]
+    # A decided run resumed (here by hand) is no longer decided: its stop reason is cleared.
+    tracking.resume_run(mlflow_uri, tracking.find_trial_run(mlflow_uri, trials[1].experiment,
+                                                            trials[1].key()).info.run_id)
+    assert [t.train.lr for t in pending_search_trials(mlflow_uri, trials)] == [3e-3, 1e-2, 3e-2,
+                                                                               1e-1]

@@ -34,6 +34,8 @@ from ternarylm.cluster import storage_path as trial_storage_path
 from ternarylm.trial import run_trial
 
 STUDY_TAG = "ternarylm.study"
+STOPPED_EARLY = "stopped early by the scheduler"
+"""Why a trial's run ended KILLED when the scheduler (ASHA) stopped it."""
 
 
 @dataclass
@@ -339,7 +341,7 @@ def _study_callback(experiment: str, uri: str, clock: StudyClock):
                            + (f"  {M.VAL_BPB} {bpb:.4f}" if bpb is not None else ""))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._close(trial, "KILLED", "stopped early by the scheduler")
+            self._close(trial, "KILLED", STOPPED_EARLY)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._close(trial, "FAILED", "trial errored (see the Ray Tune logs)")
@@ -431,7 +433,10 @@ def _search_cell(tune_run: "_TuneRun", cell: str, trial: TrialConfig,
     trials = search_trials(trial, search)
     print(f"lr search {cell}: {len(trials)} rates {', '.join(f'{c:g}' for c in search.candidates)}",
           flush=True)
-    tune_run.fit(trials, search.scheduler, {SEARCH_TAG: cell}, summary)
+    pending = pending_search_trials(tune_run.uri, trials)
+    summary["skipped"] += sorted({t.run_name for t in trials} - {t.run_name for t in pending})
+    if pending:
+        tune_run.fit(pending, search.scheduler, {SEARCH_TAG: cell}, summary)
     losses = {}
     for t in trials:
         run = tracking.find_trial_run(tune_run.uri, t.experiment, t.key())
@@ -444,6 +449,21 @@ def _search_cell(tune_run: "_TuneRun", cell: str, trial: TrialConfig,
     if choice.warning():
         print(f"warning: {choice.warning()}", flush=True)
     return choice
+
+
+def pending_search_trials(uri: str, trials: list[TrialConfig]) -> list[TrialConfig]:
+    """The search trials a (re)run still has to train: a search trial is decided once it
+    finished, or once the scheduler stopped it (ASHA ruled on its rate; training it on would
+    waste the budget the early stop saved). A trial that failed or was interrupted is pending."""
+    def decided(t: TrialConfig) -> bool:
+        run = tracking.find_trial_run(uri, t.experiment, t.key())
+        if run is None:
+            return False
+        return run.info.status == "FINISHED" or (
+            run.info.status == "KILLED"
+            and run.data.tags.get(tracking.FAILURE_TAG) == STOPPED_EARLY)
+
+    return [t for t in trials if not decided(t)]
 
 
 @dataclass
