@@ -106,6 +106,9 @@ def test_search_on_tune_picks_per_cell_and_a_rerun_reuses_it(tmp_path, tinystori
     table = client.download_artifacts(parent.info.run_id, "results/results.csv", str(tmp_path))
     rows = list(csv.DictReader(io.StringIO(Path(table).read_text())))
     assert len(rows) == 1 and float(rows[0]["lr"]) == cell["lr"]
+    markdown = client.download_artifacts(parent.info.run_id, "results/results.md", str(tmp_path))
+    header, _, row = Path(markdown).read_text().splitlines()
+    assert float(row.split(" | ")[header.split(" | ").index("lr")]) == cell["lr"]
     assert rows[0]["run_id"] not in {r.info.run_id for r in searches}
     assert len(first["trained"]) == 4
     second = run()

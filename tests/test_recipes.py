@@ -370,7 +370,7 @@ def test_a_packed_bitnet_model_computes_what_training_computes(tmp_path, one_tor
 def test_results_table_names_each_rows_recipe_in_a_recipe_study():
     from ternarylm.results import markdown_table
 
-    cols = ("size", "scheme", "plan", "seed", "N", "D", "status", "val_loss", "val_ppl",
+    cols = ("size", "scheme", "plan", "seed", "lr", "N", "D", "status", "val_loss", "val_ppl",
             "val_bpb", "train_val_ratio", "sparsity", "packed_bytes")
     row = dict.fromkeys(cols, 1) | {"size": "nano", "scheme": "absmean", "plan": "all_ternary"}
     recipes = markdown_table([row | {"recipe": "bitnet_b158"}, row | {"recipe": "fp"}])

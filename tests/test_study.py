@@ -71,6 +71,10 @@ def test_study_submitted_as_ray_job(tmp_path, tinystories, ray_head):
     runs = runs_by_name(uri)
     parent = runs.pop("study-test")
     assert len(runs) == 4
+    # One console line per evaluation: the last one is not repeated by the trial's closing report.
+    for name, run in runs.items():
+        steps = int(run.data.params["train.steps"])
+        assert out.stdout.count(f"{name}: step {steps}/{steps} ") == 1, out.stdout[-3000:]
     client = MlflowClient(uri)
     for run in runs.values():
         assert run.info.status == "FINISHED"

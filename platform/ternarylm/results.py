@@ -105,8 +105,9 @@ def _fmt(value: Any) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     recipe = ("recipe",) if any(r["recipe"] for r in rows) else ()  # a study over recipes
-    cols = ("size", *recipe, "scheme", "plan", "seed", "N", "D", "status", "val_loss", "val_ppl",
-            "val_bpb", "train_val_ratio", "sparsity", "packed_bytes")
+    # lr: the cell's peak rate (its lr search's choice, when the study searched).
+    cols = ("size", *recipe, "scheme", "plan", "seed", "lr", "N", "D", "status", "val_loss",
+            "val_ppl", "val_bpb", "train_val_ratio", "sparsity", "packed_bytes")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"

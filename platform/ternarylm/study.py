@@ -316,7 +316,8 @@ def _study_callback(experiment: str, uri: str, clock: StudyClock):
             clock.start(_trial_name(trial))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if M.VAL_LOSS in result and M.VAL_BPB in result:
+            # The trial's closing report (it carries `skipped`) repeats its last evaluation.
+            if M.VAL_LOSS in result and M.VAL_BPB in result and "skipped" not in result:
                 steps = trial.config["trial"]["steps"]
                 self._line(trial, f"step {int(result['step'])}/{steps}  {M.VAL_LOSS} "
                                   f"{result[M.VAL_LOSS]:.4f}  {M.VAL_BPB} {result[M.VAL_BPB]:.4f}")

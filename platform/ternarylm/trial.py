@@ -22,7 +22,7 @@ from ternarylm.cluster import (check_capacity, check_storage, cluster_watch, con
 from ternarylm.config import TrialConfig
 from ternarylm.data import prepare_data
 from ternarylm.train import DIVERGED_TAG
-from ternarylm.worker import TrialRuntime, train_worker
+from ternarylm.worker import TrialRuntime, payload, train_worker
 
 
 class TrialFailed(RuntimeError):
@@ -71,7 +71,7 @@ def build_trainer(cfg: TrialConfig, runtime: TrialRuntime, callbacks: list | Non
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     return TorchTrainer(
         train_worker,
-        train_loop_config={"trial": cfg, "runtime": runtime},
+        train_loop_config=payload(cfg, runtime),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),

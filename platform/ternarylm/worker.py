@@ -3,11 +3,14 @@ runtime it needs beyond the config.
 
 Kept light on purpose (no MLflow, DeepSpeed or training code at import): Ray Train's controller
 unpickles the entry point only to hand it on to the workers, and importing the training stack
-there cost every trial's start about two seconds. The workers import it when they run.
+there cost every trial's start about two seconds. The workers import it when they run. For the
+same reason the trial travels pickled, as bytes (`payload`): the controller unpickles its
+`train_loop_config` too, and a TrialConfig object would import torch and the model there.
 """
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +25,14 @@ class TrialRuntime:
     """Unix time the driver called fit(): the worker measures Ray Train's launch from it."""
 
 
-def train_worker(payload: dict[str, Any]) -> None:
-    """Entry point of every Ray Train worker (`train_loop_per_worker`): `payload` holds the
-    trial's config and runtime, validated once by the driver (see `ternarylm.train`)."""
+def payload(trial: Any, runtime: TrialRuntime) -> dict[str, bytes]:
+    """The `train_loop_config` of a trial's workers: its config (validated once by the
+    driver) and runtime, pickled, so only the workers unpickle them."""
+    return {"payload": pickle.dumps({"trial": trial, "runtime": runtime})}
+
+
+def train_worker(config: dict[str, bytes]) -> None:
+    """Entry point of every Ray Train worker (`train_loop_per_worker`)."""
     from ternarylm.train import run_worker
 
-    run_worker(payload)
+    run_worker(pickle.loads(config["payload"]))
