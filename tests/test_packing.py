@@ -49,8 +49,9 @@ CASES = {
 }
 
 
-def train_tiny(scheme: str, plan, steps: int = 8) -> tuple[TernaryLM, TrialConfig, dict]:
-    trial = TrialConfig(size="tiny", scheme=scheme, plan=plan, seq_len=SEQ_LEN)
+def train_tiny(scheme: str, plan, steps: int = 8,
+               block: str = "llama") -> tuple[TernaryLM, TrialConfig, dict]:
+    trial = TrialConfig(size="tiny", scheme=scheme, plan=plan, seq_len=SEQ_LEN, block=block)
     torch.manual_seed(0)
     model = TernaryLM(trial.model_config(vocab_size=TOKENIZER.get_vocab_size()))
     formats = apply_plan(model, trial.plan, scheme, model.cfg.n_layers)
@@ -66,9 +67,9 @@ def train_tiny(scheme: str, plan, steps: int = 8) -> tuple[TernaryLM, TrialConfi
 
 
 def packed_trained(tmp_path, scheme: str, plan, trits: bool = False,
-                   embedding_dtype: str = "fp32"):
+                   embedding_dtype: str = "fp32", block: str = "llama"):
     """(trained model, packed file) via save_trained -> pack(directory)."""
-    model, trial, formats = train_tiny(scheme, plan)
+    model, trial, formats = train_tiny(scheme, plan, block=block)
     directory = save_trained(tmp_path / "model", model, trial, formats, TOKENIZER, EOS)
     result = pack(str(directory), tmp_path / "packed.safetensors",
                   embedding_dtype=embedding_dtype, trits=trits)
@@ -286,6 +287,37 @@ def test_kv_cache_decoding_matches_full_forward(tiny_packed):
     assert rel_error(torch.cat(steps, dim=1), full) < 1e-5
     with pytest.raises(ValueError, match="context"):
         packed(tokens(batch=1, length=SEQ_LEN + 1))
+
+
+@pytest.mark.parametrize("block", ["llama", "bitnet"])
+def test_one_token_decode_in_c_matches_the_torch_block(block, tmp_path):
+    """Batch-1 decoding runs each block in one C call (`cpu_kernels.DecodeBlock`): its logits
+    are the torch block's up to float rounding, with 8-bit activations (SwiGLU, or BitNet's
+    ReLU^2 and sub-norms)."""
+    if not cpu_kernels.supports(cpu_kernels.TERNARY):
+        pytest.skip("no C compiler, or this CPU lacks AVX2")
+    _, path = packed_trained(tmp_path, "absmean", "all_ternary", block=block)
+    packed = load_packed(path).model
+    assert all(b.decodes_in_c for b in packed.blocks)
+    idx = tokens(batch=1, length=SEQ_LEN)
+
+    def decode(in_c: bool) -> torch.Tensor:
+        for b in packed.blocks:
+            b.decodes_in_c = in_c
+        cache = packed.new_cache()
+        with torch.no_grad():
+            steps = [packed(idx[:, :4], cache)]
+            steps += [packed(idx[:, t:t + 1], cache) for t in range(4, SEQ_LEN)]
+        return torch.cat(steps, dim=1)[0]
+
+    torch_logits, c_logits = decode(False), decode(True)
+    assert packed.blocks[0]._decoder is not None  # the C path really ran
+    errors = sorted(rel_error(c, t) for c, t in zip(c_logits, torch_logits))
+    # As for training against packing: a rounding difference may flip an activation code.
+    assert errors[len(errors) // 2] < 1e-6 and errors[-1] < 1e-2, errors
+    assert (c_logits.argmax(-1) == torch_logits.argmax(-1)).float().mean() >= 0.95
+    packed.float()  # a move of the tensors drops the decoders' pointers
+    assert all(b._decoder is None for b in packed.blocks)
 
 
 def greedy_by_full_forward(packed: PackedLM, prompt: list[int], n: int) -> list[int]:

@@ -10,7 +10,8 @@ the 2-bit kernel ~4x faster than `torch._int_mm` on int8, which beats fp32 sgemv
 and torch's weight-only `_weight_int8pack_mm` (5x slower than fp32 there). Activations are
 quantized per token exactly as in training (`quantize_activations`) and integer sums are exact,
 so logits match the fake-quantized model up to float rounding. q/k/v and gate/up are fused into
-one matmul each, and decoding uses a KV cache.
+one matmul each, and decoding uses a KV cache; one token at batch 1 goes through each block in a
+single C call (`cpu_kernels.DecodeBlock`) when all its projections run on the kernels.
 
 Activation quantization is discontinuous, so even the fp32 mode matches training only up to
 rare code flips: float rounding that differs from training's (integer or fused matmuls
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from ternarylm import cpu_kernels
-from ternarylm.model import BLOCKS, ModelConfig, RMSNorm, apply_rope, rope_tables
+from ternarylm.model import BLOCKS, ModelConfig, RMSNorm, apply_rope, relu_squared, rope_tables
 from ternarylm.packing import read_packed, unpack_weight
 from ternarylm.quantizers import QuantizedWeight, activation_codes, quantize_activations
 
@@ -99,6 +100,10 @@ class KernelLinear(nn.Module):
         y = cpu_kernels.linear(x.reshape(-1, self.in_features), self.weight, self.row_sums,
                                self.scale, self.in_features, self.fmt, self.activation_bits)
         return y.view(shape)
+
+    def packed_rows(self) -> cpu_kernels.PackedRows:
+        return cpu_kernels.PackedRows(self.weight, self.row_sums, self.scale, self.in_features,
+                                      self.fmt, self.activation_bits)
 
 
 class FloatLinear(nn.Module):
@@ -205,10 +210,34 @@ class PackedBlock(nn.Module):
         self.activation = BLOCKS[cfg.block].activation
         self.attn_sub_norm = layers.get(f"{prefix}.attn.sub_norm")
         self.mlp_sub_norm = layers.get(f"{prefix}.mlp.sub_norm")
+        self.seq_len = cfg.seq_len
+        # Decoding one token: the whole block in one C call when every projection runs on
+        # our kernels (built on first use, dropped when the tensors move: it holds pointers).
+        self.decodes_in_c = (all(isinstance(m, KernelLinear)
+                                 for m in (self.qkv, self.o, self.gate_up, self.down))
+                             and self.activation in (F.silu, relu_squared))
+        self._decoder: cpu_kernels.DecodeBlock | None = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._decoder = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def decoder(self) -> cpu_kernels.DecodeBlock:
+        if self._decoder is None:
+            norms = {name: None if m is None else (m.weight, m.eps) for name, m in (
+                ("attn_norm", self.attn_norm), ("mlp_norm", self.mlp_norm),
+                ("attn_sub_norm", self.attn_sub_norm), ("mlp_sub_norm", self.mlp_sub_norm))}
+            self._decoder = cpu_kernels.DecodeBlock(
+                self.qkv.packed_rows(), self.o.packed_rows(), self.gate_up.packed_rows(),
+                self.down.packed_rows(), norms, self.n_heads, self.activation is relu_squared,
+                self.seq_len)
+        return self._decoder
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> torch.Tensor:
         B, T, C = x.shape
+        if self.decodes_in_c and kv is not None and B == T == 1 and x.dtype == torch.float32:
+            return self.decoder()(x, kv[0], kv[1], start, cos, sin)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
                    for t in self.qkv(self.attn_norm(x)).split(C, dim=-1))  # [B, H, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
