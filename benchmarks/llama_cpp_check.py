@@ -12,9 +12,11 @@ keep them) and packed with `ternarylm pack` (int8 embedding and head), then:
   greedy       the tokens each decodes greedily from the same prompt ids, and how many agree
                (up to the first difference, and position by position);
   tokenizer    whether llama.cpp's gpt2 tokenizer gives our token ids for the text;
-  decode       median ms per token at batch 1 with a KV cache, llama.cpp TQ2_0 and our packed
-               kernel taking turns token by token (so that machine load hits both alike), at
-               each thread count (default 1 and 2).
+  decode       median ms per token at batch 1 with a KV cache at each thread count (default
+               1 and 2) of four engines taking turns token by token (so that machine load hits
+               all alike): llama.cpp on the TQ2_0 file and on an F32 export of the same model,
+               our packed model and our FP32 reference (the same weights dequantized, packed as
+               floats); the packed model's speedup is given over both FP32 engines.
 
 Both quantize activations to 8 bits, but differently: ours per token, llama.cpp's TQ2_0 dot
 product per 256-element block (Q8_K), so logits are close, not equal. llama.cpp's timing goes
@@ -51,7 +53,7 @@ import torch  # noqa: E402
 from ternarylm.artifacts import load_trained, save_trained  # noqa: E402
 from ternarylm.config import TrialConfig  # noqa: E402
 from ternarylm.data import build_tokenizer, eos_id  # noqa: E402
-from ternarylm.export import export_gguf  # noqa: E402
+from ternarylm.export import export_gguf, exported_layers  # noqa: E402
 from ternarylm.model import TernaryLM, model_config  # noqa: E402
 from ternarylm.inference import load_packed  # noqa: E402
 from ternarylm.packing import pack_model  # noqa: E402
@@ -171,37 +173,61 @@ def llama_greedy(llm, prompt: list[int], n: int, seq_len: int) -> list[int]:
 
 
 @torch.inference_mode()
-def decode_ms(llama_cpp, gguf: Path, packed, threads: int, n_tokens: int, vocab: int,
-              seq_len: int) -> dict:
-    """Median ms/token of llama.cpp and ours, taking turns token by token."""
+def decode_ms(llama_cpp, ggufs: dict[str, Path], ours: dict[str, object], threads: int,
+              n_tokens: int, vocab: int, seq_len: int) -> dict:
+    """Median ms/token of each engine (llama.cpp on each GGUF, ours on each packed model),
+    taking turns token by token."""
     torch.set_num_threads(threads)
-    # logits_all: llama-cpp-python copies a step's logits to `scores` only then (we argmax
-    # them as our model's are); one row of copying is little beside a decode step.
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=seq_len, n_threads=threads,
-                          n_threads_batch=threads, n_batch=seq_len, logits_all=True,
-                          verbose=False)
     n_tokens = min(n_tokens, seq_len - PROMPT_TOKENS - WARMUP_TOKENS)
     ids = torch.randint(0, vocab, (PROMPT_TOKENS + WARMUP_TOKENS + n_tokens,),
                         generator=torch.Generator().manual_seed(0)).tolist()
-    cache = packed.new_cache()
-    packed(torch.tensor([ids[:PROMPT_TOKENS]]), cache)
-    llm.reset()
-    llm.eval(ids[:PROMPT_TOKENS])
-    ours, theirs = [], []
+    steps = {}
+    for name, path in ggufs.items():
+        # logits_all: llama-cpp-python copies a step's logits to `scores` only then (we argmax
+        # them as our model's are); one row of copying is little beside a decode step.
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=seq_len, n_threads=threads,
+                              n_threads_batch=threads, n_batch=seq_len, logits_all=True,
+                              verbose=False)
+        llm.reset()
+        llm.eval(ids[:PROMPT_TOKENS])
+
+        def llama_step(token: int, llm=llm) -> None:
+            llm.eval([token])
+            int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        steps[f"llama_cpp_{name}"] = llama_step
+    for name, model in ours.items():
+        cache = model.new_cache()
+        model(torch.tensor([ids[:PROMPT_TOKENS]]), cache)
+
+        def our_step(token: int, model=model, cache=cache) -> None:
+            model(torch.tensor([[token]]), cache)[0, -1].argmax()
+        steps[f"ours_{name}"] = our_step
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for t in range(PROMPT_TOKENS, len(ids)):
-        start = time.perf_counter()
-        packed(torch.tensor([ids[t:t + 1]]), cache)[0, -1].argmax()
-        mid = time.perf_counter()
-        llm.eval(ids[t:t + 1])
-        int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        end = time.perf_counter()
-        if t >= PROMPT_TOKENS + WARMUP_TOKENS:
-            ours.append(1e3 * (mid - start))
-            theirs.append(1e3 * (end - mid))
-    llm.close() if hasattr(llm, "close") else None
-    return {"llama_cpp_ms_per_token": round(statistics.median(theirs), 2),
-            "ours_ms_per_token": round(statistics.median(ours), 2),
-            "ours_over_llama_cpp": round(statistics.median(ours) / statistics.median(theirs), 2)}
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(ids[t])
+            if t >= PROMPT_TOKENS + WARMUP_TOKENS:
+                times[name].append(1e3 * (time.perf_counter() - start))
+    ms = {name: statistics.median(v) for name, v in times.items()}
+    out = {f"{name}_ms_per_token": round(v, 2) for name, v in ms.items()}
+    out["ours_over_llama_cpp"] = round(ms["ours_packed"] / ms["llama_cpp_tq2_0"], 2)
+    if "ours_fp32" in ms and "llama_cpp_f32" in ms:
+        out["packed_speedup_over_our_fp32"] = round(ms["ours_fp32"] / ms["ours_packed"], 2)
+        out["packed_speedup_over_llama_cpp_f32"] = round(ms["llama_cpp_f32"] / ms["ours_packed"],
+                                                         2)
+        out["llama_cpp_tq2_0_speedup_over_its_f32"] = round(
+            ms["llama_cpp_f32"] / ms["llama_cpp_tq2_0"], 2)
+    return out
+
+
+def fp32_packed(trained, path: Path) -> Path:
+    """Our FP32 reference: the same model, every weight dequantized (codes x scales) and
+    packed as floats, run by the same inference code."""
+    fp32 = TernaryLM(trained.model.cfg)
+    fp32.load_state_dict({f"{name}.weight": layer.weight
+                          for name, layer in exported_layers(trained.model).items()})
+    return pack_model(fp32, path, trained.tokenizer, trained.eos_id, embedding_dtype="fp32").path
 
 
 def main() -> None:
@@ -241,6 +267,8 @@ def main() -> None:
         trained = load_trained(source)  # packed here: `pack` would log the file to a run
         packed_path = pack_model(trained.model, d / "model.packed.safetensors",
                                  trained.tokenizer, trained.eos_id).path
+        f32_gguf = export_gguf(source, d / "model-f32.gguf", "f32").path
+        fp32_path = fp32_packed(trained, d / "model.fp32.safetensors")
         del trained
         pm = load_packed(packed_path)
         packed, tok, eos = pm.model, pm.tokenizer, pm.eos_id
@@ -271,7 +299,9 @@ def main() -> None:
                   "ours_text": tok.decode(g_ours), "llama_cpp_text": tok.decode(g_theirs)}
         llm.close() if hasattr(llm, "close") else None
 
-        speeds = {t: decode_ms(llama_cpp, gguf_path, packed, t, args.tokens, vocab, seq_len)
+        fp32 = load_packed(fp32_path).model
+        speeds = {t: decode_ms(llama_cpp, {"tq2_0": gguf_path, "f32": f32_gguf},
+                               {"packed": packed, "fp32": fp32}, t, args.tokens, vocab, seq_len)
                   for t in args.threads}
         out = {"source": args.source or f"built {args.size} (train steps {args.train_steps})",
                "gguf_bytes": gguf_path.stat().st_size, "packed_bytes": packed_path.stat().st_size,
@@ -285,8 +315,12 @@ def main() -> None:
     print(f"greedy: {greedy['agree_prefix']}/{n} tokens agree before the first difference, "
           f"{greedy['agree_fraction']:.0%} position by position")
     for t, s in speeds.items():
-        print(f"decode, {t} thread(s): llama.cpp TQ2_0 {s['llama_cpp_ms_per_token']} ms/token, "
-              f"ours {s['ours_ms_per_token']} ms/token ({s['ours_over_llama_cpp']}x)")
+        print(f"decode, {t} thread(s), ms/token: llama.cpp TQ2_0 "
+              f"{s['llama_cpp_tq2_0_ms_per_token']}, ours packed {s['ours_packed_ms_per_token']} "
+              f"({s['ours_over_llama_cpp']}x); llama.cpp F32 {s['llama_cpp_f32_ms_per_token']}, "
+              f"ours FP32 {s['ours_fp32_ms_per_token']}; packed speedup over our FP32 "
+              f"{s['packed_speedup_over_our_fp32']}x, over llama.cpp's F32 "
+              f"{s['packed_speedup_over_llama_cpp_f32']}x")
     if args.json:
         print(json.dumps(out))
 

@@ -516,16 +516,27 @@ def test_gguf_runs_as_llama_cpp_would(tie_head, pad_ffn, small, tmp_path, tokeni
     assert rel(llama_cpp_forward(unpermuted, *args)) > 5 * rel(theirs)
 
 
-def test_gguf_f16_type(small, tmp_path):
+@pytest.mark.parametrize("float_type", ["f16", "f32"])
+def test_gguf_float_types(float_type, small, tmp_path):
     import gguf
 
     from ternarylm.export import export_gguf
 
-    result = export_gguf(str(small[1]), tmp_path / "m.gguf", "f16")
+    # A q8_0 fallback does not apply: a float type stores every matrix in that type.
+    result = export_gguf(str(small[1]), tmp_path / "m.gguf", float_type, fallback="q8_0")
     assert not result.fell_back
-    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
-    assert set(kinds.values()) == {"F16", "F32"}
-    assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["blk.0.attn_q.weight"] == "F16"
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert set(kinds.values()) == {float_type.upper(), "F32"}
+    assert kinds["blk.0.attn_norm.weight"] == "F32"
+    assert kinds["blk.0.attn_q.weight"] == float_type.upper()
+    # The dequantized codes x scale (rows permuted for llama.cpp's RoPE layout, as in HF).
+    down = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    expected = small[0].blocks[0].mlp.down.weight_quantizer.dequantized(
+        small[0].blocks[0].mlp.down.weight)
+    tolerance = 1e-3 if float_type == "f16" else 0
+    assert np.allclose(np.asarray(down.data, dtype=np.float32), expected.numpy(), rtol=tolerance,
+                       atol=tolerance)
 
 
 def wordpiece_tokenizer():

@@ -58,7 +58,9 @@ from ternarylm.model import RMSNorm, TernaryLM
 from ternarylm.quantizers import QuantEmbedding, QuantizedWeight, QuantLinear
 
 FORMATS = ("hf", "gguf")
-GGUF_TYPES = ("tq2_0", "tq1_0", "f16")
+GGUF_TYPES = ("tq2_0", "tq1_0", "f16", "f32")
+FLOAT_TYPES = {"f16": np.float16, "f32": np.float32}
+"""Types that store every matrix dequantized, in that float type."""
 GGUF_FALLBACKS = ("f16", "q8_0")
 RMS_NORM_EPS = 1e-6  # model.RMSNorm's default, used by every norm of TernaryLM
 TERNARY_BLOCK = 256  # QK_K: elements per TQ1_0 / TQ2_0 block
@@ -523,8 +525,8 @@ class GGUFExport:
 
     def note(self) -> str:
         """One line per tensor that did not get the asked type for a reason worth knowing."""
-        if self.type == "f16":
-            return "every matrix stored as f16, norms as f32"
+        if self.type in FLOAT_TYPES:
+            return f"every matrix stored as {self.type}, norms as f32"
         counts: dict[str, int] = {}
         for t in self.tensors:
             counts[t.type] = counts.get(t.type, 0) + 1
@@ -595,7 +597,8 @@ def _pad_rows(t: torch.Tensor, n: int, fill: torch.Tensor | None = None) -> torc
 def export_gguf(source: str | Path, out: str | Path, type: str = "tq2_0",
                 fallback: str = "f16", pad_ffn: bool = False) -> GGUFExport:
     """Write a llama-architecture GGUF: ternary layers as TQ2_0/TQ1_0 where their rows are a
-    multiple of 256 long, the rest as `fallback` (f16 or q8_0), norms as f32.
+    multiple of 256 long, the rest as `fallback` (f16 or q8_0), norms as f32; or, for type f16
+    or f32, every matrix dequantized in that float type.
 
     pad_ffn: widen the MLP hidden size to a multiple of 256 with zero gate/up rows and zero down
     columns (silu(0) * 0 = 0: the same outputs), so that the down projection, whose rows are
@@ -617,7 +620,7 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "tq2_0",
     layers = exported_layers(model)
     tied = bool(cfg.tie_head and torch.equal(layers["head"].weight, layers["embed"].weight))
     ffn = cfg.mlp_hidden
-    if pad_ffn and type != "f16":
+    if pad_ffn and type not in FLOAT_TYPES:
         ffn = -(-cfg.mlp_hidden // TERNARY_BLOCK) * TERNARY_BLOCK
     pad = ffn - cfg.mlp_hidden
 
@@ -625,7 +628,8 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "tq2_0",
               "tq1_0": gguf.GGMLQuantizationType.TQ1_0}
     file_type = {"tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0,
                  "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0,
-                 "f16": gguf.LlamaFileType.MOSTLY_F16}[type]
+                 "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "f32": gguf.LlamaFileType.ALL_F32}[type]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out), "llama")
@@ -686,7 +690,11 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "tq2_0",
             writer.add_tensor(gname, w.numpy().astype(np.float32))
             report.append(GGUFTensor(gname, name, "f32", shape))
             continue
-        if type != "f16" and ternary is not None:
+        if type in FLOAT_TYPES:
+            writer.add_tensor(gname, w.numpy().astype(FLOAT_TYPES[type]))
+            report.append(GGUFTensor(gname, name, type, shape))
+            continue
+        if ternary is not None:
             if w.shape[1] % TERNARY_BLOCK == 0:
                 data = _tq_bytes(*ternary, qtypes[type])
                 writer.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtypes[type])
@@ -694,7 +702,7 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "tq2_0",
                 continue
             reason = (f"row length {w.shape[1]} is not a multiple of {TERNARY_BLOCK} "
                       f"({type.upper()}'s block)")
-        elif type != "f16" and layer.quantized is not None:
+        elif layer.quantized is not None:
             reason = f"{layer.format} codes are not ternary"
         if fallback == "q8_0" and w.shape[1] % Q8_BLOCK == 0:
             data = quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
