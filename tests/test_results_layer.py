@@ -189,3 +189,14 @@ def test_a_resumed_run_loses_the_reason_it_ended_before(tmp_path):
     tracking.resume_run(uri, run_id)
     run = tracking.client(uri).get_run(run_id)
     assert run.info.status == "RUNNING" and tracking.FAILURE_TAG not in run.data.tags
+
+
+def test_time_line_covers_only_trials_trained_in_this_launch():
+    from ternarylm.results import time_line
+
+    rows = [{"name": "a", "trial_wall_s": 30.0, "train_loop_s": 10.0, "outside_loop_s": 20.0},
+            {"name": "b", "trial_wall_s": 90.0, "train_loop_s": 50.0, "outside_loop_s": 40.0},
+            {"name": "c", "trial_wall_s": None, "train_loop_s": None, "outside_loop_s": None}]
+    line = time_line(rows, ["a", "c"])  # b was reused from an earlier launch; c has no times
+    assert line.startswith("time: 1 trials, training loops 10 s") and "median 20.0 s" in line
+    assert time_line(rows, []) is None

@@ -33,7 +33,8 @@ def collect(trials: list[TrialConfig], uri: str) -> list[dict[str, Any]]:
         run = tracking.find_trial_run(uri, t.experiment, t.key())
         finals = M.finals(run.data.metrics) if run else {}
         shape = t.model_config(vocab_size=256)  # block parameters do not depend on it
-        row = {"size": t.size, "plan": t.plan.name, "recipe": t.recipe, "seed": t.seed,
+        row = {"name": t.run_name, "size": t.size, "plan": t.plan.name, "recipe": t.recipe,
+               "seed": t.seed,
                "lr": t.train.lr,
                "scheme": t.scheme if has_ternary_layers(shape, t.plan) else "-",
                "N": shape.param_counts()["params_non_embedding"],
@@ -113,9 +114,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def time_line(rows: list[dict[str, Any]]) -> str | None:
-    """Where the trials trained in this launch spent their time (None if none did)."""
-    timed = [r for r in rows if r["trial_wall_s"] is not None and r["train_loop_s"] is not None]
+def time_line(rows: list[dict[str, Any]], trained: list[str]) -> str | None:
+    """Where the trials trained in this launch (`trained`: their names) spent their time (None
+    if none did); a trial reused from an earlier launch carries that launch's times."""
+    timed = [r for r in rows if r["name"] in trained and r["trial_wall_s"] is not None
+             and r["train_loop_s"] is not None]
     if not timed:
         return None
     outside = statistics.median(r["outside_loop_s"] for r in timed)
@@ -182,7 +185,7 @@ def report_lr_search(choices: list, parent_run_id: str, uri: str) -> dict[str, A
 
 
 def report_study(study, trials: list[TrialConfig], parent_run_id: str, uri: str,
-                 errors: list[str]) -> dict[str, Any]:
+                 errors: list[str], trained: list[str]) -> dict[str, Any]:
     """Table, fits, tests and plots on the parent run; returns a summary."""
     rows = collect(trials, uri)
     fits = fit_groups(rows)
@@ -220,7 +223,7 @@ def report_study(study, trials: list[TrialConfig], parent_run_id: str, uri: str,
     for w in warnings:
         print(f"warning: {w}", flush=True)
     print(markdown_table(rows), flush=True)
-    timing = time_line(rows)
+    timing = time_line(rows, trained)
     if timing:
         print(timing, flush=True)
     if front["frontier"]:

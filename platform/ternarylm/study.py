@@ -419,7 +419,7 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
             trials = [t for ts in cells.values() for t in ts]
         tune_run.fit(trials, study.scheduler, {}, summary)
     keep_worker_logs(uri, parent)
-    summary |= report_study(study, trials, parent, uri, summary["errors"])
+    summary |= report_study(study, trials, parent, uri, summary["errors"], summary["trained"])
     for key in ("trained", "skipped"):
         summary[key] = sorted(summary[key])
     tracking.end_run(uri, parent, "FINISHED")

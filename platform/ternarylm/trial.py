@@ -105,10 +105,10 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
     if finished is not None:
         return _existing_result(uri, finished)
     tracking.log_params(uri, run_id, cfg.flat())
-    runtime = TrialRuntime(uri, run_id)
-    trainer = build_trainer(cfg, runtime, callbacks)
     t1 = time.perf_counter()
-    runtime.launched_at = time.time()  # the trainer holds this object until fit() ships it
+    # Set before the trainer is built: its payload is the runtime pickled (`worker.payload`).
+    runtime = TrialRuntime(uri, run_id, launched_at=time.time())
+    trainer = build_trainer(cfg, runtime, callbacks)
     try:
         # Inside a study's Tune actor the cluster's loss ends the actor; watch only as a CLI.
         watch = address if parent_run_id is None else None
