@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from ternarylm import metrics as M
 from ternarylm.config import TrialConfig
 from ternarylm.study import trial_vocab
+from ternarylm.train import ZERO_STAGE_TAG, deepspeed_config, zero_stage
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +70,7 @@ def test_two_worker_trial_logs_every_metric(tmp_path, tinystories, ray_head, mlf
     assert TRIAL_METRICS <= set(run.data.metrics), TRIAL_METRICS - set(run.data.metrics)
     params = run.data.params
     assert params["num_workers"] == "2" and params["train.zero_stage"] == "1"
+    assert run.data.tags[ZERO_STAGE_TAG] == "1"  # two ranks: the configured stage
     assert params["plan.default"] == "ternary" and params["scheme"] == "learned"
     assert run.data.tags["ternarylm.version"]
     # Every rank drew a different first batch.
@@ -157,3 +159,12 @@ def test_stopped_trial_resumes_from_checkpoint(tmp_path, tinystories, ray_head, 
     assert steps == list(range(5, 61, 5))  # no gap, no duplicate
     val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
     assert val_steps == list(range(10, 61, 10))
+
+
+@pytest.mark.parametrize("workers, stage, bf16, runs", [
+    (1, 1, False, 0), (1, 2, False, 0),  # one fp32 rank: nothing to partition
+    (2, 1, False, 1), (1, 1, True, 1), (1, 3, False, 3), (1, 0, False, 0)])
+def test_engine_zero_stage(workers, stage, bf16, runs):
+    cfg = TrialConfig(size="nano", num_workers=workers, train={"zero_stage": stage})
+    assert zero_stage(cfg, bf16) == runs
+    assert deepspeed_config(cfg, bf16)["zero_optimization"] == {"stage": runs}
