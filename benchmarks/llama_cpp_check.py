@@ -175,19 +175,20 @@ def llama_greedy(llm, prompt: list[int], n: int, seq_len: int) -> list[int]:
 @torch.inference_mode()
 def decode_ms(llama_cpp, ggufs: dict[str, Path], ours: dict[str, object], threads: int,
               n_tokens: int, vocab: int, seq_len: int) -> dict:
-    """Median ms/token of each engine (llama.cpp on each GGUF, ours on each packed model),
-    taking turns token by token."""
+    """Median ms/token of each engine, taking turns token by token: llama.cpp on `ggufs`
+    ("tq2_0", "f32") and ours on `ours` ("packed", "fp32"); and the speedups between them."""
     torch.set_num_threads(threads)
     n_tokens = min(n_tokens, seq_len - PROMPT_TOKENS - WARMUP_TOKENS)
     ids = torch.randint(0, vocab, (PROMPT_TOKENS + WARMUP_TOKENS + n_tokens,),
                         generator=torch.Generator().manual_seed(0)).tolist()
-    steps = {}
+    steps, llms = {}, []
     for name, path in ggufs.items():
         # logits_all: llama-cpp-python copies a step's logits to `scores` only then (we argmax
         # them as our model's are); one row of copying is little beside a decode step.
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=seq_len, n_threads=threads,
                               n_threads_batch=threads, n_batch=seq_len, logits_all=True,
                               verbose=False)
+        llms.append(llm)
         llm.reset()
         llm.eval(ids[:PROMPT_TOKENS])
 
@@ -209,15 +210,15 @@ def decode_ms(llama_cpp, ggufs: dict[str, Path], ours: dict[str, object], thread
             step(ids[t])
             if t >= PROMPT_TOKENS + WARMUP_TOKENS:
                 times[name].append(1e3 * (time.perf_counter() - start))
+    for llm in llms:
+        llm.close() if hasattr(llm, "close") else None
     ms = {name: statistics.median(v) for name, v in times.items()}
     out = {f"{name}_ms_per_token": round(v, 2) for name, v in ms.items()}
     out["ours_over_llama_cpp"] = round(ms["ours_packed"] / ms["llama_cpp_tq2_0"], 2)
-    if "ours_fp32" in ms and "llama_cpp_f32" in ms:
-        out["packed_speedup_over_our_fp32"] = round(ms["ours_fp32"] / ms["ours_packed"], 2)
-        out["packed_speedup_over_llama_cpp_f32"] = round(ms["llama_cpp_f32"] / ms["ours_packed"],
-                                                         2)
-        out["llama_cpp_tq2_0_speedup_over_its_f32"] = round(
-            ms["llama_cpp_f32"] / ms["llama_cpp_tq2_0"], 2)
+    out["packed_speedup_over_our_fp32"] = round(ms["ours_fp32"] / ms["ours_packed"], 2)
+    out["packed_speedup_over_llama_cpp_f32"] = round(ms["llama_cpp_f32"] / ms["ours_packed"], 2)
+    out["llama_cpp_tq2_0_speedup_over_its_f32"] = round(
+        ms["llama_cpp_f32"] / ms["llama_cpp_tq2_0"], 2)
     return out
 
 

@@ -354,6 +354,19 @@ def pack_rows(codes: torch.Tensor, fmt: int) -> torch.Tensor:
     return packed.reshape(n, kp // 4)
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _padded_length(rows: torch.Tensor, fmt: int) -> int:
+    """Codes per packed row (the row length padded to the format's block)."""
+    return rows.shape[1] * (4 if fmt == TERNARY else 1)
+
+
+def _qmax(activation_bits: int) -> int:
+    return 2 ** (activation_bits - 1) - 1
+
+
 def linear(x: torch.Tensor, rows: torch.Tensor, row_sums: torch.Tensor | None,
            scale: torch.Tensor, in_features: int, fmt: int, activation_bits: int) -> torch.Tensor:
     """x [M, K] -> [M, N]: per-token quantized activations times packed rows, scaled per row.
@@ -363,12 +376,11 @@ def linear(x: torch.Tensor, rows: torch.Tensor, row_sums: torch.Tensor | None,
     lib, level = _library()
     x = x.float().contiguous()
     m, n = x.shape[0], rows.shape[0]
-    padded = rows.shape[1] * (4 if fmt == TERNARY else 1)
     y = torch.empty(m, n)
     status = lib.quantized_linear(
-        x.data_ptr(), m, in_features, rows.data_ptr(),
-        None if row_sums is None else row_sums.data_ptr(), scale.data_ptr(), n, padded, fmt,
-        2 ** (activation_bits - 1) - 1, y.data_ptr(), torch.get_num_threads(), level)
+        x.data_ptr(), m, in_features, rows.data_ptr(), _ptr(row_sums), scale.data_ptr(), n,
+        _padded_length(rows, fmt), fmt, _qmax(activation_bits), y.data_ptr(),
+        torch.get_num_threads(), level)
     if status:
         raise MemoryError("cpu_kernels: no memory for the quantized activations")
     return y
@@ -389,12 +401,8 @@ class PackedRows:
     def spec(self) -> _Linear:
         return _Linear(self.rows.data_ptr(), _ptr(self.row_sums), self.scale.data_ptr(),
                        self.rows.shape[0], self.in_features,
-                       self.rows.shape[1] * (4 if self.fmt == TERNARY else 1), self.fmt,
-                       2 ** (self.activation_bits - 1) - 1)
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+                       _padded_length(self.rows, self.fmt), self.fmt,
+                       _qmax(self.activation_bits))
 
 
 class DecodeBlock:
