@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ternarylm import cpu_kernels
 from ternarylm.quantizers import (
     EPS,
     FORMATS,
@@ -30,6 +31,8 @@ from ternarylm.quantizers import (
     QuantEmbedding,
     QuantLinear,
     StretchedElastic,
+    activation_codes,
+    fake_quantized_activations,
     format_bits,
     quantize_activations,
 )
@@ -395,6 +398,45 @@ def test_activation_quant_is_straight_through():
     upstream = torch.randn(4, 7, 16)
     (quantize_activations(x, 8) * upstream).sum().backward()
     close(x.grad, upstream, tol=0)
+
+
+@pytest.mark.skipif(not cpu_kernels.supports(cpu_kernels.TERNARY),
+                    reason="the C kernels need a compiler and an AVX2 CPU")
+@pytest.mark.parametrize("magnitude", [1e-7, 1e-2, 1.0, 300.0])
+def test_c_fake_quantization_is_torchs_bit_for_bit(magnitude):
+    """Training runs the one-pass C kernels on CPU and torch's operations elsewhere (GPU): the
+    two must give the same bits, ties and tiny rows (the 1e-5 floor) included."""
+    torch.manual_seed(8)
+    x = torch.randn(5, 7, 43) * magnitude  # 43 columns: the vector loop and its scalar tail
+    # Row 0: exact ties x / scale = k + 0.5 (scale = absmax / 127), picked where multiplying by
+    # 1 / scale would land beside the tie: a kernel that did so would round them differently.
+    absmax = torch.tensor(3.0 * magnitude)
+    step, k = absmax / 127, torch.arange(42.0) + 0.5
+    ties = k * step
+    assert int(((ties / step == k) & (ties * (1 / step) != ties / step)).sum()) >= 3
+    x[0, 0] = torch.cat([ties, absmax.view(1)])
+    codes, scale = activation_codes(x, 8)
+    assert torch.equal(cpu_kernels.fake_quantize_activations(x, 8), codes * scale)
+    codes4, scale4 = activation_codes(x, 4)
+    assert torch.equal(fake_quantized_activations(x, 4), codes4 * scale4)
+    w = x.reshape(35, 43)
+    gamma = w.abs().mean()
+    torch_w_hat = (w / (gamma + EPS)).round().clamp(-1, 1) * gamma
+    assert torch.equal(AbsMean().dequantized(w), torch_w_hat)
+    q = AbsMean().quantize(w)
+    assert torch.equal(AbsMean().dequantized(w), q.codes.float() * q.scale)
+
+
+@pytest.mark.skipif(not cpu_kernels.supports(cpu_kernels.TERNARY),
+                    reason="the C kernels need a compiler and an AVX2 CPU")
+def test_c_fake_quantization_propagates_nan_as_torch_does():
+    x = torch.randn(3, 20)
+    x[1, 4] = float("nan")
+    x[2, 17] = float("inf")
+    codes, scale = activation_codes(x, 8)
+    expected, got = codes * scale, cpu_kernels.fake_quantize_activations(x, 8)
+    assert torch.equal(expected.isnan(), got.isnan()) and bool(got[1].isnan().all())
+    assert torch.equal(expected.nan_to_num(), got.nan_to_num())
 
 
 def test_quant_linear_quantizes_its_input():

@@ -16,6 +16,11 @@ cache, the gated MLP's activation, residual adds) is a few thousand floats, and 
 per operation, some sixty of them per block, outweighed the weights: `decode_block` runs the
 whole block in one call (`DecodeBlock`), 7.5 -> 4.5 ms per token on paper-132m, 1 thread.
 
+Training uses two of them on CPU: fake quantization of activations (per token) and of absmean
+weights in one pass each, where torch makes five (`fake_quantize_activations`,
+`fake_quantize_ternary`); same float operations, same bits, and torch's path where they
+cannot run.
+
 Ternary layout: a row's codes, padded with zeros to a multiple of 256, as digits
 d = code + 1 in {0, 1, 2}; byte j of the row's 64-byte block b holds the digits of
 k = 256 b + j + 64 s at bits 2s..2s+1 (s = 0..3), so four shifts and masks give four runs of
@@ -181,6 +186,60 @@ int quantized_linear(const float *x, int m, int k, const uint8_t *w, const int32
     return 0;
 }
 
+/* Training's fake quantization, torch's float operations exactly (quantizers.py):
+   out = clamp(round_half_even(x / d), lo, hi) * s. NaN propagates as in torch (max/min return
+   their second operand when either is NaN). One pass where torch makes five, single-threaded:
+   a second OpenMP pool beside torch's would spin on the cores torch's threads are using. */
+__attribute__((target("avx2")))
+static void fake_quantize_span(const float *x, float *out, long n, float d, float s, float lo,
+                               float hi) {
+    const __m256 vd = _mm256_set1_ps(d), vs = _mm256_set1_ps(s);
+    const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), vd),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm256_min_ps(vhi, _mm256_max_ps(vlo, q));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(q, vs));
+    }
+    for (; i < n; i++) {
+        float q = nearbyintf(x[i] / d);
+        out[i] = (q < lo ? lo : q > hi ? hi : q) * s;
+    }
+}
+
+/* A weight with its scale given (absmean: d = gamma + eps, s = gamma, codes in [-1, 1]). */
+__attribute__((target("avx2")))
+void fake_quantize(const float *x, long n, float d, float s, float lo, float hi, float *out) {
+    fake_quantize_span(x, out, n, d, s, lo, hi);
+}
+
+/* Activations, per token (row of k): scale = max(max_k |x_k|, 1e-5) / qmax, codes in
+   [-qmax - 1, qmax], as quantizers.activation_codes. A NaN in a row makes its scale NaN. */
+__attribute__((target("avx2")))
+void fake_quantize_rows(const float *x, long m, long k, int qmax, float *out) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (long r = 0; r < m; r++, x += k, out += k) {
+        __m256 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
+        long i = 0;
+        for (; i + 8 <= k; i += 8) {
+            __m256 v = _mm256_loadu_ps(x + i);
+            vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs_mask));
+            vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        float lanes[8], amax = 0.0f;
+        int nan = _mm256_movemask_ps(vnan) != 0;
+        _mm256_storeu_ps(lanes, vmax);
+        for (int j = 0; j < 8; j++) amax = lanes[j] > amax ? lanes[j] : amax;
+        for (; i < k; i++) {
+            nan |= x[i] != x[i];
+            amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+        }
+        float scale = nan ? NAN : fmaxf(amax, 1e-5f) / (float)qmax;
+        fake_quantize_span(x, out, k, scale, scale, (float)(-qmax - 1), (float)qmax);
+    }
+}
+
 /* One decoded token through one block (batch 1, KV cache), as inference.PackedBlock computes it
    with torch, in one call: at this size torch's per-operation cost, not the weights, is most of
    a block's time. Floating-point operations follow torch's order (no FMA contraction: the
@@ -334,6 +393,11 @@ def _library() -> tuple[ctypes.CDLL, int] | None:
     lib.quantized_linear.restype = i
     lib.decode_block.argtypes = [ctypes.POINTER(_Block), p, p, p, i, i, p, p, p, i, i]
     lib.decode_block.restype = i
+    f, long = ctypes.c_float, ctypes.c_long
+    lib.fake_quantize.argtypes = [p, long, f, f, f, f, p]
+    lib.fake_quantize.restype = None
+    lib.fake_quantize_rows.argtypes = [p, long, long, i, p]
+    lib.fake_quantize_rows.restype = None
     return lib, level
 
 
@@ -341,6 +405,36 @@ def supports(fmt: int) -> bool:
     """Whether the kernels compiled and this CPU runs the one for `fmt` (TERNARY or INT8)."""
     library = _library()
     return library is not None and library[1] >= (AVX2 if fmt == TERNARY else AVX512_VNNI)
+
+
+def _fake_quantizes(t: torch.Tensor) -> bool:
+    """Whether `t` can take the fake-quantization kernels (fp32 on an AVX2 CPU)."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and supports(TERNARY)
+
+
+def fake_quantize_ternary(weight: torch.Tensor, divisor: float, scale: float
+                          ) -> torch.Tensor | None:
+    """clamp(round(weight / divisor), -1, 1) * scale in one pass (an absmean weight's
+    dequantized value, bit for bit); None where the kernels cannot run."""
+    if not _fake_quantizes(weight):
+        return None
+    weight = weight.contiguous()
+    out = torch.empty_like(weight)
+    _library()[0].fake_quantize(weight.data_ptr(), weight.numel(), divisor, scale, -1.0, 1.0,
+                                out.data_ptr())
+    return out
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """Per-token absmax codes times scales (`quantizers.activation_codes`), bit for bit, in one
+    pass over x; None where the kernels cannot run."""
+    if not _fake_quantizes(x) or x.numel() == 0:
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _library()[0].fake_quantize_rows(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                                     _qmax(bits), out.data_ptr())
+    return out
 
 
 def pack_rows(codes: torch.Tensor, fmt: int) -> torch.Tensor:

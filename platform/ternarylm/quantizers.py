@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ternarylm import cpu_kernels
+
 EPS = 1e-5
 
 
@@ -97,7 +99,12 @@ class AbsMean(WeightQuantizer):
     @torch.no_grad()
     def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
         gamma = self._gamma(weight)
-        w_hat = (weight.float() / (gamma + EPS)).round_().clamp_(-1, 1).mul_(gamma)
+        divisor = gamma + EPS
+        if gamma.dim() == 0:  # one scale: the C kernel's single pass, where it runs
+            w_hat = cpu_kernels.fake_quantize_ternary(weight, divisor.item(), gamma.item())
+            if w_hat is not None:
+                return w_hat
+        w_hat = (weight.float() / divisor).round_().clamp_(-1, 1).mul_(gamma)
         return w_hat.to(weight.dtype)
 
 
@@ -356,12 +363,21 @@ def activation_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
 class _ActQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bits: int) -> torch.Tensor:
-        codes, scale = activation_codes(x, bits)
-        return codes.mul_(scale)
+        return fake_quantized_activations(x, bits)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, None
+
+
+def fake_quantized_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes * scale of `activation_codes` (no gradient): one pass of the C kernel where it
+    runs (fp32 on an AVX2 CPU), torch's five operations elsewhere, the same bits either way."""
+    out = cpu_kernels.fake_quantize_activations(x, bits)
+    if out is None:
+        codes, scale = activation_codes(x, bits)
+        out = codes.mul_(scale)
+    return out
 
 
 def quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -383,12 +399,11 @@ class _SharedInputCache:
     @torch.no_grad()
     def quantized(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         if x.is_inference():  # inference tensors carry no version counter: no caching
-            codes, scale = activation_codes(x, bits)
-            return codes.mul_(scale)
+            return fake_quantized_activations(x, bits)
         if self.key is not None and self.key[0]() is x and self.key[1:] == (x._version, bits):
             return self.value
-        codes, scale = activation_codes(x, bits)
-        self.key, self.value = (weakref.ref(x), x._version, bits), codes.mul_(scale)
+        self.key = (weakref.ref(x), x._version, bits)
+        self.value = fake_quantized_activations(x, bits)
         return self.value
 
 
@@ -418,7 +433,7 @@ class _FakeQuantLinear(torch.autograd.Function):
             grad_x = grad.matmul(w_hat)
         grad_2d = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_w = x_hat.reshape(-1, x_hat.shape[-1]).t().mm(grad_2d).t()
+            grad_w = grad_2d.t().mm(x_hat.reshape(-1, x_hat.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b, None, None
