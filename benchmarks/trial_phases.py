@@ -15,8 +15,8 @@ from the metrics the trial logged:
     teardown         the worker's end until fit() returns (Ray Train's shutdown)
     driver finish    plots, run closed (time/finish_s)
 
-`--seeds K` runs K trials one after another (the first start on a fresh machine also builds
-DeepSpeed's CPU communication op, once) and reports the median of each phase.
+`--seeds K` runs K trials one after another and reports the median of each phase (the first
+trial's worker also loads what later ones find in the OS's file cache).
 
     python benchmarks/trial_phases.py            # one pico trial
     python benchmarks/trial_phases.py --json     # last line: one JSON object
