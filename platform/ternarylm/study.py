@@ -505,12 +505,17 @@ class _TuneRun:
             param_space=param_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=self.study.max_concurrent,
                                         scheduler=scheduler, trial_name_creator=_trial_name,
-                                        trial_dirname_creator=_trial_name),
+                                        trial_dirname_creator=_trial_name,
+                                        reuse_actors=scheduler is None),
             run_config=tune.RunConfig(
                 name=f"study-{self.study.name}-{int(time.time() * 1000)}",
                 storage_path=trials[0].storage_path,
                 callbacks=[_study_callback(self.experiment, self.uri, clock)], verbose=0),
         )
+        # reuse_actors: the next trial runs in the finished trial's actor, which has imported
+        # torch, MLflow and the trial code already (about 4 s of CPU a trial saves). Not under
+        # ASHA: a stopped trial's training thread, blocked in Ray Train's fit(), would keep its
+        # workers training in the cached actor until Tune tried to reuse it.
         grid = tuner.fit()
         # The last line of a trial's error is its own exception (Ray prefixes task details).
         summary["errors"] += [str(e).strip().splitlines()[-1][:400] for e in grid.errors]
