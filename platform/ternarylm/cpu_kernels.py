@@ -18,8 +18,8 @@ whole block in one call (`DecodeBlock`), 7.5 -> 4.5 ms per token on paper-132m, 
 
 Training uses two of them on CPU: fake quantization of activations (per token) and of absmean
 weights in one pass each, where torch makes five (`fake_quantize_activations`,
-`fake_quantize_ternary`); same float operations, same bits, and torch's path where they
-cannot run.
+`fake_quantize_absmean`, whose scale `abs_mean` packing uses too); same float operations,
+same bits, and torch's path where they cannot run.
 
 Ternary layout: a row's codes, padded with zeros to a multiple of 256, as digits
 d = code + 1 in {0, 1, 2}; byte j of the row's 64-byte block b holds the digits of
@@ -208,10 +208,31 @@ static void fake_quantize_span(const float *x, float *out, long n, float d, floa
     }
 }
 
-/* A weight with its scale given (absmean: d = gamma + eps, s = gamma, codes in [-1, 1]). */
+/* mean |x|, summed in double (eight lanes): the absmean scale of training and packing alike. */
 __attribute__((target("avx2")))
-void fake_quantize(const float *x, long n, float d, float s, float lo, float hi, float *out) {
-    fake_quantize_span(x, out, n, d, s, lo, hi);
+float abs_mean(const float *x, long n) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask);
+        lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    }
+    double lanes[4], sum = 0.0;
+    _mm256_storeu_pd(lanes, _mm256_add_pd(lo, hi));
+    for (int j = 0; j < 4; j++) sum += lanes[j];
+    for (; i < n; i++) sum += fabsf(x[i]);
+    return (float)(sum / (double)n);
+}
+
+/* An absmean ternary weight, dequantized: gamma = abs_mean(x) (returned),
+   out = clamp(round(x / (gamma + eps)), -1, 1) * gamma, as AbsMean.dequantized in torch. */
+__attribute__((target("avx2")))
+float fake_quantize_absmean(const float *x, long n, float eps, float *out) {
+    float gamma = abs_mean(x, n);
+    fake_quantize_span(x, out, n, gamma + eps, gamma, -1.0f, 1.0f);
+    return gamma;
 }
 
 /* Activations, per token (row of k): scale = max(max_k |x_k|, 1e-5) / qmax, codes in
@@ -394,8 +415,10 @@ def _library() -> tuple[ctypes.CDLL, int] | None:
     lib.decode_block.argtypes = [ctypes.POINTER(_Block), p, p, p, i, i, p, p, p, i, i]
     lib.decode_block.restype = i
     f, long = ctypes.c_float, ctypes.c_long
-    lib.fake_quantize.argtypes = [p, long, f, f, f, f, p]
-    lib.fake_quantize.restype = None
+    lib.abs_mean.argtypes = [p, long]
+    lib.abs_mean.restype = f
+    lib.fake_quantize_absmean.argtypes = [p, long, f, p]
+    lib.fake_quantize_absmean.restype = f
     lib.fake_quantize_rows.argtypes = [p, long, long, i, p]
     lib.fake_quantize_rows.restype = None
     return lib, level
@@ -412,16 +435,22 @@ def _fake_quantizes(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.device.type == "cpu" and supports(TERNARY)
 
 
-def fake_quantize_ternary(weight: torch.Tensor, divisor: float, scale: float
-                          ) -> torch.Tensor | None:
-    """clamp(round(weight / divisor), -1, 1) * scale in one pass (an absmean weight's
-    dequantized value, bit for bit); None where the kernels cannot run."""
-    if not _fake_quantizes(weight):
+def abs_mean(weight: torch.Tensor) -> torch.Tensor | None:
+    """mean |weight| (fp32, 0-dim), summed in double; None where the kernels cannot run."""
+    if not _fake_quantizes(weight) or weight.numel() == 0:
         return None
-    weight = weight.contiguous()
+    weight = weight.detach().contiguous()
+    return torch.tensor(_library()[0].abs_mean(weight.data_ptr(), weight.numel()))
+
+
+def fake_quantize_absmean(weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """clamp(round(weight / (gamma + eps)), -1, 1) * gamma with gamma = `abs_mean(weight)`, in
+    two passes over the weight; None where the kernels cannot run."""
+    if not _fake_quantizes(weight) or weight.numel() == 0:
+        return None
+    weight = weight.detach().contiguous()
     out = torch.empty_like(weight)
-    _library()[0].fake_quantize(weight.data_ptr(), weight.numel(), divisor, scale, -1.0, 1.0,
-                                out.data_ptr())
+    _library()[0].fake_quantize_absmean(weight.data_ptr(), weight.numel(), eps, out.data_ptr())
     return out
 
 

