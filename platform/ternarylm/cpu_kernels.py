@@ -404,7 +404,7 @@ def _library() -> tuple[ctypes.CDLL, int] | None:
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
         warnings.warn(f"CPU kernels unavailable ({detail.strip()[:300]}); packed models use "
-                      f"torch's int8 matmul instead")
+                      f"torch's int8 matmul and training torch's fake quantization instead")
         return None
     level = lib.cpu_level()
     if level == 0:
