@@ -343,13 +343,14 @@ def test_learned_scale_gradient_scale_uses_numel():
     assert grads[1] == pytest.approx(2 * grads[0], rel=1e-5)
 
 
-def test_quant_linear_gradients_are_those_of_a_linear_with_the_dequantized_weight():
+@pytest.mark.parametrize("batch", [(5,), (3, 5)])  # a matrix, and a batch of sequences
+def test_quant_linear_gradients_are_those_of_a_linear_with_the_dequantized_weight(batch):
     torch.manual_seed(3)
     linear = nn.Linear(16, 8, bias=False)
-    x = torch.randn(5, 16, requires_grad=True)
+    x = torch.randn(*batch, 16, requires_grad=True)
     q = QuantLinear.from_linear(linear, AbsMean(), activation_bits=None)
     assert q.weight is linear.weight
-    upstream = torch.randn(5, 8)
+    upstream = torch.randn(*batch, 8)
     (q(x) * upstream).sum().backward()
 
     codes_scale = AbsMean().quantize(linear.weight)

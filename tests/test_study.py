@@ -15,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ternarylm.errors import UserError
-from ternarylm.study import StudyConfig, trial_table
+from ternarylm.study import StudyConfig, _reuses_actors, trial_table
 
 REPO = Path(__file__).resolve().parents[1]
 SCALING = REPO / "studies" / "scaling.py"
@@ -210,3 +210,14 @@ def test_bad_study_configs_are_refused(change, message):
     base = {"sizes": ["nano"], "tokens": 1000}
     with pytest.raises(UserError, match=message):
         StudyConfig(**{**base, **change})
+
+
+@pytest.mark.parametrize("scheduler, glue, evals, reused", [
+    (None, [], [], True), ("asha", [], [], False), (None, ["mrpc"], [], False),
+    (None, [], ["hellaswag"], False)])
+def test_tune_actors_are_reused_only_when_the_driver_trains_nothing_itself(scheduler, glue,
+                                                                            evals, reused):
+    """A stopped (ASHA) trial's thread would keep training in a cached actor, and a GLUE or
+    evaluation actor would keep its GPU memory: only plain trials reuse Tune's actors."""
+    space = {"glue": {"tasks": glue}, "eval": {"tasks": evals}}
+    assert _reuses_actors(scheduler, space) is reused

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def test_engine_start_builds_no_inference_comm_op(tmp_path):
     that only DeepSpeed-Inference uses (a 36-41 s build on a fresh cache)."""
     extensions = tmp_path / "torch_extensions"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "DS_ACCELERATOR": "cpu"}
-    out = subprocess.run(["python", "-c", ENGINE_SCRIPT], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT], capture_output=True, text=True,
                          env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "shm_comm_op None" in out.stdout

@@ -440,7 +440,8 @@ def abs_mean(weight: torch.Tensor) -> torch.Tensor | None:
     if not _fake_quantizes(weight) or weight.numel() == 0:
         return None
     weight = weight.detach().contiguous()
-    return torch.tensor(_library()[0].abs_mean(weight.data_ptr(), weight.numel()))
+    return torch.tensor(_library()[0].abs_mean(weight.data_ptr(), weight.numel()),
+                        dtype=torch.float32)
 
 
 def fake_quantize_absmean(weight: torch.Tensor, eps: float) -> torch.Tensor | None:

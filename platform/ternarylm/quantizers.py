@@ -404,9 +404,9 @@ class _SharedInputCache:
             return fake_quantized_activations(x, bits)
         if self.key is not None and self.key[0]() is x and self.key[1:] == (x._version, bits):
             return self.value
-        self.key = (weakref.ref(x), x._version, bits)
-        self.value = fake_quantized_activations(x, bits)
-        return self.value
+        value = fake_quantized_activations(x, bits)  # first: a failure leaves no stale key
+        self.key, self.value = (weakref.ref(x), x._version, bits), value
+        return value
 
 
 _SHARED_INPUT = _SharedInputCache()

@@ -506,16 +506,12 @@ class _TuneRun:
             tune_config=tune.TuneConfig(max_concurrent_trials=self.study.max_concurrent,
                                         scheduler=scheduler, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name,
-                                        reuse_actors=scheduler is None),
+                                        reuse_actors=_reuses_actors(scheduler, param_space)),
             run_config=tune.RunConfig(
                 name=f"study-{self.study.name}-{int(time.time() * 1000)}",
                 storage_path=trials[0].storage_path,
                 callbacks=[_study_callback(self.experiment, self.uri, clock)], verbose=0),
         )
-        # reuse_actors: the next trial runs in the finished trial's actor, which has imported
-        # torch, MLflow and the trial code already (about 4 s of CPU a trial saves). Not under
-        # ASHA: a stopped trial's training thread, blocked in Ray Train's fit(), would keep its
-        # workers training in the cached actor until Tune tried to reuse it.
         grid = tuner.fit()
         # The last line of a trial's error is its own exception (Ray prefixes task details).
         summary["errors"] += [str(e).strip().splitlines()[-1][:400] for e in grid.errors]
@@ -523,6 +519,15 @@ class _TuneRun:
         finished = [r for r in grid if r.error is None and r.metrics and r.config]
         summary["skipped"] += [_trial_name(r) for r in finished if r.metrics.get("skipped")]
         summary["trained"] += [_trial_name(r) for r in finished if not r.metrics.get("skipped")]
+
+
+def _reuses_actors(scheduler: Any, param_space: dict[str, Any]) -> bool:
+    """Whether the next trial may run in a finished trial's Tune actor, which has imported
+    torch, MLflow and the trial code already (about 4 s of CPU a trial). Not under a scheduler
+    (ASHA): a stopped trial's thread, blocked in Ray Train's fit(), would keep its workers
+    training in the cached actor. Not when the actor fine-tunes (GLUE) or evaluates: on a GPU
+    node it would keep its CUDA memory beside the next trial's workers."""
+    return scheduler is None and not (param_space["glue"]["tasks"] or param_space["eval"]["tasks"])
 
 
 def _tune_entry(t: TrialConfig) -> dict[str, Any]:

@@ -81,12 +81,15 @@ def build_engine(cfg: TrialConfig, vocab_size: int, device: torch.device,
     import deepspeed.ops
     from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
 
-    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (`deepspeed_shm_comm`)
-    # when its comm backend starts; only `inference_all_reduce` (DeepSpeed-Inference's tensor
-    # parallelism) uses it, training reduces through torch.distributed. The build took 36-41 s
-    # on a fresh machine, and again whenever processes with other environments (Ray workers,
-    # plain ones) shared its torch-extension cache; marked unavailable, it is never built.
-    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (`deepspeed_shm_comm`)
+        # when its comm backend starts; only `inference_all_reduce` (DeepSpeed-Inference's
+        # tensor parallelism) uses it, training reduces through torch.distributed. The build
+        # took 36-41 s on a fresh machine, and again whenever processes with other environments
+        # (Ray workers, plain ones) shared its torch-extension cache; marked unavailable, it is
+        # never built. (Not on GPU: reading the table there checks every op builder, and the
+        # CUDA backend has no such op.)
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model_cfg = cfg.model_config(vocab_size)
     model = TernaryLM(model_cfg)
