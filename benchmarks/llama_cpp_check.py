@@ -211,7 +211,8 @@ def decode_ms(llama_cpp, ggufs: dict[str, Path], ours: dict[str, object], thread
             if t >= PROMPT_TOKENS + WARMUP_TOKENS:
                 times[name].append(1e3 * (time.perf_counter() - start))
     for llm in llms:
-        llm.close() if hasattr(llm, "close") else None
+        if hasattr(llm, "close"):  # older llama-cpp-python frees its model when collected
+            llm.close()
     ms = {name: statistics.median(v) for name, v in times.items()}
     out = {f"{name}_ms_per_token": round(v, 2) for name, v in ms.items()}
     out["ours_over_llama_cpp"] = round(ms["ours_packed"] / ms["llama_cpp_tq2_0"], 2)

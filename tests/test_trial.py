@@ -171,18 +171,15 @@ def test_engine_zero_stage(workers, stage, bf16, runs):
     assert deepspeed_config(cfg, bf16)["zero_optimization"] == {"stage": runs}
 
 
+# A one-rank gloo group as `benchmarks/train_step.py` sets it up, then a worker's engine.
 ENGINE_SCRIPT = """
-import os, socket, sys
-import torch.distributed as dist
+import sys
+sys.path.append(sys.argv[1])  # appended: benchmarks/tokenize.py must not shadow the stdlib's
 import torch
+from train_step import init_single_process_group
 from ternarylm.config import TrialConfig
 from ternarylm.train import build_engine
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                  WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-dist.init_process_group("gloo", rank=0, world_size=1)
+init_single_process_group()
 engine, _ = build_engine(TrialConfig(size="pico", plan="fp"), 64, torch.device("cpu"), False)
 from deepspeed.comm import comm
 print("shm_comm_op", comm.cdb.shm_comm_op)
@@ -194,8 +191,9 @@ def test_engine_start_builds_no_inference_comm_op(tmp_path):
     that only DeepSpeed-Inference uses (a 36-41 s build on a fresh cache)."""
     extensions = tmp_path / "torch_extensions"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "DS_ACCELERATOR": "cpu"}
-    out = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=600)
+    out = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT,
+                          str(Path(__file__).resolve().parents[1] / "benchmarks")],
+                         capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "shm_comm_op None" in out.stdout
     assert not any(extensions.glob("**/*.so")), sorted(extensions.rglob("*"))

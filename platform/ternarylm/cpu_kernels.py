@@ -431,13 +431,14 @@ def supports(fmt: int) -> bool:
 
 
 def _fake_quantizes(t: torch.Tensor) -> bool:
-    """Whether `t` can take the fake-quantization kernels (fp32 on an AVX2 CPU)."""
-    return t.dtype == torch.float32 and t.device.type == "cpu" and supports(TERNARY)
+    """Whether `t` can take the fake-quantization kernels (non-empty fp32 on an AVX2 CPU)."""
+    return (t.dtype == torch.float32 and t.device.type == "cpu" and t.numel() > 0
+            and supports(TERNARY))
 
 
 def abs_mean(weight: torch.Tensor) -> torch.Tensor | None:
     """mean |weight| (fp32, 0-dim), summed in double; None where the kernels cannot run."""
-    if not _fake_quantizes(weight) or weight.numel() == 0:
+    if not _fake_quantizes(weight):
         return None
     weight = weight.detach().contiguous()
     return torch.tensor(_library()[0].abs_mean(weight.data_ptr(), weight.numel()),
@@ -447,7 +448,7 @@ def abs_mean(weight: torch.Tensor) -> torch.Tensor | None:
 def fake_quantize_absmean(weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """clamp(round(weight / (gamma + eps)), -1, 1) * gamma with gamma = `abs_mean(weight)`, in
     two passes over the weight; None where the kernels cannot run."""
-    if not _fake_quantizes(weight) or weight.numel() == 0:
+    if not _fake_quantizes(weight):
         return None
     weight = weight.detach().contiguous()
     out = torch.empty_like(weight)
@@ -458,7 +459,7 @@ def fake_quantize_absmean(weight: torch.Tensor, eps: float) -> torch.Tensor | No
 def fake_quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor | None:
     """Per-token absmax codes times scales (`quantizers.activation_codes`), bit for bit, in one
     pass over x; None where the kernels cannot run."""
-    if not _fake_quantizes(x) or x.numel() == 0:
+    if not _fake_quantizes(x):
         return None
     x = x.contiguous()
     out = torch.empty_like(x)

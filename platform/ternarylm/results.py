@@ -34,8 +34,7 @@ def collect(trials: list[TrialConfig], uri: str) -> list[dict[str, Any]]:
         finals = M.finals(run.data.metrics) if run else {}
         shape = t.model_config(vocab_size=256)  # block parameters do not depend on it
         row = {"name": t.run_name, "size": t.size, "plan": t.plan.name, "recipe": t.recipe,
-               "seed": t.seed,
-               "lr": t.train.lr,
+               "seed": t.seed, "lr": t.train.lr,
                "scheme": t.scheme if has_ternary_layers(shape, t.plan) else "-",
                "N": shape.param_counts()["params_non_embedding"],
                "D": t.train.steps * t.global_batch_tokens,
