@@ -701,3 +701,9 @@ def test_run_sources_eval_child_run_and_model_card(small, tmp_path, corpus, mlfl
     assert child.info.experiment_id == experiment and child.info.status == "FINISHED"
     assert child.data.metrics["eval/stories_mc/acc"] == summary["metrics"]["eval/stories_mc/acc"]
     assert child.data.params["eval.weights"] == "packed"
+    # The one skip rule: the same evaluation again is the finished child; other settings run.
+    again = evaluate(parent, "stories_mc", include_path=tasks, limit=4, packed=True)
+    assert again["skipped"] and again["run_id"] == summary["run_id"]
+    assert again["metrics"] == summary["metrics"]
+    other = evaluate(parent, "stories_mc", include_path=tasks, limit=3, packed=True)
+    assert "skipped" not in other and other["run_id"] != summary["run_id"]

@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 from ternarylm import tracking
 from ternarylm.config import ConfigError
 from ternarylm.lr_search import SEARCH_TAG, LRSearchConfig, choose, search_trials
-from ternarylm.study import STOPPED_EARLY, StudyConfig, pending_search_trials, trial_table
+from ternarylm.study import (StudyConfig, end_stopped_early, pending_search_trials,
+                             trial_table)
 from ternarylm.trial import open_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,11 +125,15 @@ def test_a_rerun_trains_only_undecided_search_trials(tinystories, mlflow_uri):
                             "source": str(tinystories), "tokenizer": "char"}},
                         lr_search={"values": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]})
     trials = search_trials(next(iter(study.cells().values()))[0], study.search)
-    endings = [("FINISHED", None), ("KILLED", STOPPED_EARLY), ("KILLED", "interrupted"),
-               ("FAILED", "trial errored")]
-    for t, (status, reason) in zip(trials, endings):
+    endings = [lambda r: tracking.end_run(mlflow_uri, r, "FINISHED"),
+               lambda r: end_stopped_early(mlflow_uri, r),
+               # The scheduler's words without its tag are not a decision (rules read tags).
+               lambda r: tracking.end_run(mlflow_uri, r, "KILLED",
+                                          "stopped early by the scheduler"),
+               lambda r: tracking.end_run(mlflow_uri, r, "FAILED", "trial errored")]
+    for t, end in zip(trials, endings):
         run_id, _ = open_run(t, mlflow_uri, None, {SEARCH_TAG: "nano/absmean/all_ternary"})
-        tracking.end_run(mlflow_uri, run_id, status, reason)
+        end(run_id)
     pending = pending_search_trials(mlflow_uri, trials)
     assert [t.train.lr for t in pending] == [1e-2, 3e-2, 1e-1]
     # A decided run resumed (here by hand) is no longer decided: its stop reason is cleared.

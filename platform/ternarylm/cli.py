@@ -152,7 +152,7 @@ def _eval(args: argparse.Namespace) -> None:
                        include_path=args.include_path, limit=limit,
                        num_fewshot=args.num_fewshot, batch_size=args.batch_size,
                        embedding_dtype=args.embedding_dtype, device=args.device,
-                       log=not args.no_log)
+                       log=not args.no_log, force=args.force)
     print(json.dumps(summary, default=str))
 
 
@@ -291,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "packed file): storage of floating-point layers, as in `ternarylm pack`")
     p.add_argument("--device", default="cpu", help="latent weights: cpu or cuda[:N]")
     p.add_argument("--no-log", action="store_true", help="do not log a child MLflow run")
+    p.add_argument("--force", action="store_true",
+                   help="evaluate again even if a finished child run has the same settings")
     p.set_defaults(func=_eval)
     return parser
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import hashlib
-import json
 import os
 import types
 import typing
@@ -23,6 +20,7 @@ import yaml
 
 from ternarylm.data import DataConfig
 from ternarylm.errors import UserError
+from ternarylm.identity import content_key
 from ternarylm.model import ModelConfig, model_config
 from ternarylm.plans import PrecisionPlan
 from ternarylm.quantizers import TERNARY_SCHEMES
@@ -244,13 +242,9 @@ class TrialConfig:
         return d
 
     def key(self) -> str:
-        """Content hash of `identity()`: two configs with one key train the same model.
-
-        Only settings that differ from their defaults are hashed, so a release that adds a
-        setting (with a default that keeps the old behaviour) leaves every key as it was.
-        """
-        d = _changed(self.identity(), _default_identity())
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Content key of `identity()` (every field, defaults included) and the trial numerics
+        version (`ternarylm.identity`): two configs with one key train the same model."""
+        return content_key("trial", self.identity())
 
     def flat(self) -> dict[str, Any]:
         """Flattened `section.field` params for MLflow."""
@@ -280,23 +274,6 @@ def _identity_fields(obj: Any) -> dict[str, Any]:
             value = getattr(obj, f.name)
             out[f.name] = (_identity_fields(value) if dataclasses.is_dataclass(value)
                            else value)
-    return out
-
-
-@functools.cache
-def _default_identity() -> dict[str, Any]:
-    return TrialConfig().identity()
-
-
-def _changed(value: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
-    """The entries of `value` that differ from `default`, nested mappings compared key by key."""
-    out = {}
-    for k, v in value.items():
-        if isinstance(v, dict) and isinstance(default.get(k), dict):
-            if sub := _changed(v, default[k]):
-                out[k] = sub
-        elif k not in default or v != default[k]:
-            out[k] = v
     return out
 
 

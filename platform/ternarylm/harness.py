@@ -41,10 +41,12 @@ from lm_eval.api.registry import register_model
 from tokenizers import Tokenizer
 
 from ternarylm.errors import UserError
+from ternarylm.identity import content_key
 
 MODEL_NAME = "ternarylm"
 EVAL_TASKS_TAG = "ternarylm.eval.tasks"
 EVAL_SOURCE_TAG = "ternarylm.eval.source_run"
+EVAL_KEY_TAG = "ternarylm.eval.key"
 DEFAULT_MAX_GEN_TOKS = 256
 
 
@@ -384,9 +386,11 @@ def evaluate(source: str | Path, tasks: str | list[str], *, packed: bool = False
              include_path: str | Path | None = None, limit: int | float | None = None,
              num_fewshot: int | None = None, batch_size: int = 8, embedding_dtype: str = "int8",
              bootstrap_iters: int = 1000, device: str = "cpu", log: bool = True,
-             model: EvalModel | None = None) -> dict[str, Any]:
+             model: EvalModel | None = None, force: bool = False) -> dict[str, Any]:
     """Run lm-evaluation-harness tasks on a trained model; a run id's results become a child
-    MLflow run of it (`log=False` skips that). Returns a JSON-ready summary."""
+    MLflow run of it (`log=False` skips that), keyed by everything that defines them: a
+    finished child with the same key is returned instead unless `force`. Returns a JSON-ready
+    summary."""
     import lm_eval
     from datasets.exceptions import DatasetsError
 
@@ -395,6 +399,14 @@ def evaluate(source: str | Path, tasks: str | list[str], *, packed: bool = False
         raise EvalError(f"--include-path {include_path}: no such directory of task YAMLs")
     manager = _check_known(names, include_path)
     em = model or load_eval_model(source, packed, embedding_dtype, device)
+    key = content_key("eval", {"source": em.source_run, "tasks": names,
+                               "weights": em.description, "include_path": include_path,
+                               "limit": limit, "num_fewshot": num_fewshot,
+                               "batch_size": batch_size, "bootstrap_iters": bootstrap_iters})
+    if log and em.source_run is not None and not force:
+        done = _finished_eval(em.source_run, key)
+        if done is not None:
+            return done
     lm = TernaryHarnessLM(model=em, batch_size=batch_size)
     t0 = time.perf_counter()
     try:
@@ -415,12 +427,28 @@ def evaluate(source: str | Path, tasks: str | list[str], *, packed: bool = False
                "metrics": metrics, "seconds": round(seconds, 3), "run_id": None,
                "model": em.description}
     if log and em.source_run is not None:
-        summary["run_id"] = _log_child_run(em, names, summary, results)
+        summary["run_id"] = _log_child_run(em, names, summary, results, key)
     return summary
 
 
+def _finished_eval(source_run: str, key: str) -> dict[str, Any] | None:
+    """The summary of the source run's finished evaluation with this key, if it has one."""
+    from ternarylm import tracking
+
+    uri = tracking.tracking_uri()
+    experiment_id = tracking.client(uri).get_run(source_run).info.experiment_id
+    run = tracking.finished_run(uri, experiment_id, EVAL_KEY_TAG, key, source_run)
+    if run is None:
+        return None
+    return {"source": source_run, "tasks": run.data.tags[EVAL_TASKS_TAG].split(","),
+            "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")
+                        and k != "eval/seconds"},
+            "seconds": run.data.metrics.get("eval/seconds"), "run_id": run.info.run_id,
+            "skipped": True}
+
+
 def _log_child_run(em: EvalModel, names: list[str], summary: dict[str, Any],
-                   results: dict[str, Any]) -> str:
+                   results: dict[str, Any], key: str) -> str:
     """The results as a run nested under the source run (tracking's helpers, as glue uses)."""
     from mlflow.entities import Metric
 
@@ -432,7 +460,7 @@ def _log_child_run(em: EvalModel, names: list[str], summary: dict[str, Any],
     weights = "packed" if em.packed is not None else "latent"
     run_name = (f"{parent.info.run_name or em.source_run[:8]}-eval-"
                 f"{'+'.join(names)[:60]}-{weights}")
-    tags = {EVAL_TASKS_TAG: ",".join(names), EVAL_SOURCE_TAG: em.source_run}
+    tags = {EVAL_TASKS_TAG: ",".join(names), EVAL_SOURCE_TAG: em.source_run, EVAL_KEY_TAG: key}
     run_id = tracking.start_run(uri, parent.info.experiment_id, run_name, tags,
                                 parent_run_id=em.source_run)
     try:

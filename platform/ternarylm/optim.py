@@ -38,9 +38,6 @@ import torch.nn as nn
 if TYPE_CHECKING:
     from ternarylm.config import TrainConfig
 
-SCHEDULES = ("cosine", "wsd", "two_stage")
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: norms, biases and learned quantizer scales are left alone.
 

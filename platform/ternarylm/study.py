@@ -20,6 +20,7 @@ from typing import Any
 from ternarylm import metrics as M
 from ternarylm import tracking
 from ternarylm.analysis import has_ternary_layers
+from ternarylm.identity import NUMERICS_VERSIONS
 from ternarylm.config import ConfigError, TrialConfig, _build, load_yaml
 from ternarylm.lr_search import (SEARCH_TAG, Choice, LRSearchConfig, choose, search_trials,
                                  with_lr)
@@ -268,7 +269,7 @@ def _tune_trial(config: dict[str, Any]) -> None:
             finetune_and_log(result.run_id, task, GlueSettings.from_dict(glue["settings"]),
                              glue["data_dir"])
     evals = config["eval"]
-    if evals["tasks"] and not _has_eval(result.run_id, evals["tasks"]):
+    if evals["tasks"]:  # evaluate() reuses a finished evaluation with the same key
         from ternarylm.harness import EvalSettings, evaluate
         settings = _build(EvalSettings, evals["settings"], "study.eval")
         evaluate(result.run_id, evals["tasks"], **dataclasses.asdict(settings))
@@ -279,18 +280,6 @@ def _tune_trial(config: dict[str, Any]) -> None:
         final |= {k: result.metrics[k] for k in (M.VAL_LOSS, M.VAL_BPB) if k in result.metrics}
         final["step"] = cfg.train.steps
     tune.report({**final, "skipped": float(result.skipped)})
-
-
-def _has_eval(run_id: str, tasks: list[str]) -> bool:
-    """Whether the trial already has a finished evaluation child run of these tasks (a rerun of
-    the study does not evaluate again)."""
-    from ternarylm.harness import EVAL_TASKS_TAG
-
-    found = tracking.client().search_runs(
-        [tracking.client().get_run(run_id).info.experiment_id],
-        f"tags.mlflow.parentRunId = '{run_id}' and tags.`{EVAL_TASKS_TAG}` = '{','.join(tasks)}'"
-        f" and attributes.status = 'FINISHED'")
-    return bool(found)
 
 
 def _study_callback(experiment: str, uri: str, clock: StudyClock):
@@ -328,7 +317,10 @@ def _study_callback(experiment: str, uri: str, clock: StudyClock):
             took = f" in {clock.finished[name]:.0f} s"
             run = tracking.find_trial_run(uri, experiment, trial.config["trial"]["key"])
             if run is not None and run.info.status == "RUNNING":
-                tracking.end_run(uri, run.info.run_id, status, reason)
+                if reason == STOPPED_EARLY:
+                    end_stopped_early(uri, run.info.run_id)
+                else:
+                    tracking.end_run(uri, run.info.run_id, status, reason)
                 self._line(trial, f"{status}{took}: {reason}")
             elif run is None:
                 self._line(trial, "no MLflow run")
@@ -404,6 +396,10 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
     address = connect_ray(address)
     check_capacity(trials)
     parent = open_study_run(study, experiment, uri)
+    notice = tracking.stale_key_notice(uri, tracking.ensure_experiment(experiment, uri),
+                                       NUMERICS_VERSIONS["trial"])
+    if notice:  # here, once: the trials' Tune actors then find the experiment tagged
+        print(notice, flush=True)
     print(f"study {study.name}: {len(trials)} trials, MLflow parent run {parent} at {uri}",
           flush=True)
     tune_run = _TuneRun(study, parent, uri, experiment)
@@ -452,6 +448,13 @@ def _search_cell(tune_run: "_TuneRun", cell: str, trial: TrialConfig,
     return choice
 
 
+def end_stopped_early(uri: str, run_id: str) -> None:
+    """End the run of a trial the scheduler stopped: KILLED, with the reason for people and a
+    tag for `pending_search_trials` (a rule never reads the reason's text)."""
+    tracking.set_tags(uri, run_id, {tracking.STOPPED_EARLY_TAG: "true"})
+    tracking.end_run(uri, run_id, "KILLED", STOPPED_EARLY)
+
+
 def pending_search_trials(uri: str, trials: list[TrialConfig]) -> list[TrialConfig]:
     """The search trials a (re)run still has to train: a search trial is decided once it
     finished, or once the scheduler stopped it (ASHA ruled on its rate; training it on would
@@ -461,8 +464,7 @@ def pending_search_trials(uri: str, trials: list[TrialConfig]) -> list[TrialConf
         if run is None:
             return False
         return run.info.status == "FINISHED" or (
-            run.info.status == "KILLED"
-            and run.data.tags.get(tracking.FAILURE_TAG) == STOPPED_EARLY)
+            run.info.status == "KILLED" and tracking.STOPPED_EARLY_TAG in run.data.tags)
 
     return [t for t in trials if not decided(t)]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 import ternarylm
@@ -23,7 +23,9 @@ from ternarylm import metrics
 from ternarylm.config import ConfigError, ternarylm_home
 
 TRIAL_KEY_TAG = "ternarylm.trial_key"
-STUDY_KEY_TAG = "ternarylm.study_key"
+NUMERICS_VERSION_TAG = "ternarylm.numerics_version"
+"""On a trial run: the trial numerics version its key was made with (`ternarylm.identity`);
+on an experiment: the version whose stale-key notice was given."""
 PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 _BATCH = 100  # MLflow's REST API caps a log_batch at 1,000 metrics and 100 params
@@ -96,6 +98,43 @@ def find_trial_run(uri: str, experiment: str, key: str) -> Any | None:
     return find_run(uri, experiment_id, TRIAL_KEY_TAG, key)
 
 
+def finished_run(uri: str, experiment_id: str, key_tag: str, key: str,
+                 parent_run_id: str | None = None) -> Any | None:
+    """The one skip rule of every keyed step (trial, GLUE fine-tune, lm-eval run): the newest
+    FINISHED run tagged `key_tag` = `key` (under `parent_run_id` when given) is its result, and
+    the step is not run again. Anything else (no run, RUNNING, FAILED, KILLED) is not done."""
+    where = [f"tags.`{key_tag}` = '{key}'", "attributes.status = 'FINISHED'"]
+    if parent_run_id:
+        where.append(f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+    runs = client(uri).search_runs([experiment_id], filter_string=" and ".join(where),
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def stale_key_notice(uri: str, experiment_id: str, version: int) -> str | None:
+    """One line when the experiment holds trial runs keyed under another trial numerics version
+    (or before versions existed): their trials cannot match a current key, so they train again.
+    Said once per experiment and version (the experiment is tagged with the version after)."""
+    c = client(uri)
+    if c.get_experiment(experiment_id).tags.get(NUMERICS_VERSION_TAG) == str(version):
+        return None
+    stale, token = 0, None
+    while True:
+        page = c.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_KEY_TAG}` LIKE '%'",
+                             max_results=1000, page_token=token)
+        stale += sum(r.data.tags.get(NUMERICS_VERSION_TAG) != str(version) for r in page)
+        token = page.token
+        if not token:
+            break
+    c.set_experiment_tag(experiment_id, NUMERICS_VERSION_TAG, str(version))
+    if not stale:
+        return None
+    return (f"note: MLflow experiment {c.get_experiment(experiment_id).name!r} holds {stale} "
+            f"trial run(s) keyed before trial numerics version {version} (keys now hash every "
+            f"setting, defaults included, and the code's numerics version): those trials train "
+            f"again under new keys; their old runs are left as they are")
+
+
 def start_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
               parent_run_id: str | None = None) -> str:
     """A new run (RUNNING) with our tags, the package version and the git commit."""
@@ -110,12 +149,17 @@ def start_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
 
 FAILURE_TAG = "ternarylm.failure"
 """Why a run ended without finishing (set by `end_run`, cleared when it resumes)."""
+STOPPED_EARLY_TAG = "ternarylm.stopped_early"
+"""On a run an early-stopping scheduler (ASHA) ended: its result was ruled on (cleared when it
+resumes)."""
 
 
 def resume_run(uri: str, run_id: str) -> None:
     c = client(uri)
-    if FAILURE_TAG in c.get_run(run_id).data.tags:  # an earlier ending's reason, now stale
-        c.delete_tag(run_id, FAILURE_TAG)
+    tags = c.get_run(run_id).data.tags
+    for stale in (FAILURE_TAG, STOPPED_EARLY_TAG):  # an earlier ending's marks
+        if stale in tags:
+            c.delete_tag(run_id, stale)
     c.update_run(run_id, status="RUNNING")
 
 
@@ -124,10 +168,6 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", reason: str | None 
     if reason:
         c.set_tag(run_id, FAILURE_TAG, reason[:4000])
     c.set_terminated(run_id, status=status)
-
-
-def run_status(uri: str, run_id: str) -> str:
-    return client(uri).get_run(run_id).info.status
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
@@ -234,7 +274,3 @@ def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | N
         c.log_artifacts(run_id, str(path), artifact_path)
     else:
         c.log_artifact(run_id, str(path), artifact_path)
-
-
-def status_is_final(status: str) -> bool:
-    return RunStatus.is_terminated(RunStatus.from_string(status))

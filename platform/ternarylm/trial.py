@@ -9,6 +9,7 @@ from its last checkpoint.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from ternarylm.cluster import (check_capacity, check_storage, cluster_watch, con
                                ray_address, storage_path)
 from ternarylm.config import TrialConfig
 from ternarylm.data import prepare_data
+from ternarylm.identity import NUMERICS_VERSIONS
 from ternarylm.train import DIVERGED_TAG
 from ternarylm.worker import TrialRuntime, payload, train_worker
 
@@ -52,13 +54,19 @@ def open_run(cfg: TrialConfig, uri: str, parent_run_id: str | None,
              tags: dict[str, str] | None = None) -> tuple[str, Any | None]:
     """The trial's run id: a finished run is returned as is, an unfinished one is resumed."""
     experiment_id = tracking.ensure_experiment(cfg.experiment, uri)
+    notice = tracking.stale_key_notice(uri, experiment_id, NUMERICS_VERSIONS["trial"])
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
+    finished = tracking.finished_run(uri, experiment_id, tracking.TRIAL_KEY_TAG, cfg.key())
+    if finished is not None:
+        return finished.info.run_id, finished
     run = tracking.find_trial_run(uri, cfg.experiment, cfg.key())
-    if run is not None and run.info.status == "FINISHED":
-        return run.info.run_id, run
     if run is not None:
         tracking.resume_run(uri, run.info.run_id)
         return run.info.run_id, None
-    tags = {tracking.TRIAL_KEY_TAG: cfg.key(), "ternarylm.size": cfg.size,
+    tags = {tracking.TRIAL_KEY_TAG: cfg.key(),
+            tracking.NUMERICS_VERSION_TAG: str(NUMERICS_VERSIONS["trial"]),
+            "ternarylm.size": cfg.size,
             "ternarylm.scheme": cfg.scheme, "ternarylm.plan": cfg.plan.name, **(tags or {})}
     run_id = tracking.start_run(uri, experiment_id, cfg.run_name, tags, parent_run_id)
     return run_id, None

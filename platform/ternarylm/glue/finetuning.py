@@ -11,7 +11,6 @@ experiment, tag mlflow.parentRunId); `run_glue` also accepts a local trained-mod
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ternarylm import metrics as M
+from ternarylm.identity import content_key
 from ternarylm.glue.data import (
     HUB_DATASET,
     N_CLASSES,
@@ -256,9 +256,8 @@ def _data_label(data_dir: Path | None) -> str:
 
 def glue_key(source_run_id: str, task: str, settings: GlueSettings, data: str) -> str:
     """Content hash of one fine-tuning: the same key means the same result."""
-    blob = json.dumps({"source": source_run_id, "task": task, "settings": settings.to_dict(),
-                       "data": data}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return content_key("glue", {"source": source_run_id, "task": task,
+                                "settings": settings.to_dict(), "data": data})
 
 
 def _load_splits(spec: GlueTask, data_dir: Path | None) -> tuple[GlueData, GlueData]:
@@ -294,7 +293,7 @@ def finetune_and_log(source_run_id: str, task: str, settings: GlueSettings | Non
     data_dir = resolve_data_dir(data_dir)
     key = glue_key(source_run_id, spec.name, settings, _data_label(data_dir))
     if not force:
-        done = _finished_child(c, experiment_id, source_run_id, key)
+        done = tracking.finished_run(uri, experiment_id, GLUE_KEY_TAG, key, source_run_id)
         if done is not None:
             return _stored_result(done, spec, source_run_id)
     train, dev = _load_splits(spec, data_dir)  # bad data fails before any run is created
@@ -334,17 +333,6 @@ def finetune_and_log(source_run_id: str, task: str, settings: GlueSettings | Non
         raise
     tracking.end_run(uri, run_id, "FINISHED")
     return out
-
-
-def _finished_child(c, experiment_id: str, parent_id: str, key: str):
-    from ternarylm import tracking
-
-    runs = c.search_runs([experiment_id],
-                         filter_string=(f"tags.`{GLUE_KEY_TAG}` = '{key}' and "
-                                        f"tags.`{tracking.PARENT_TAG}` = '{parent_id}' and "
-                                        f"attributes.status = 'FINISHED'"),
-                         order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
 
 
 def _stored_result(run, spec: GlueTask, source_run_id: str) -> dict[str, Any]:
