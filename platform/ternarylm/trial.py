@@ -132,7 +132,8 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
     diverged = run.data.tags.get(DIVERGED_TAG)
     if diverged:
         tracking.end_run(uri, run_id, "FAILED", f"diverged: {diverged}")
-        raise TrialFailed(f"trial {cfg.run_name} diverged: {diverged}")
+        raise TrialFailed(f"trial {cfg.run_name} diverged: {diverged}; lower train.lr or "
+                          f"raise train.warmup_steps, or clip harder (train.grad_clip)")
     finish_run(uri, run_id, cfg, run.data.metrics)
     seconds = {M.SETUP_S: t1 - t0, M.FIT_S: t2 - t1, M.FINISH_S: time.perf_counter() - t2}
     loop = (result.metrics or {}).get(M.TRAIN_LOOP_S)
