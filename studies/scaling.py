@@ -18,6 +18,7 @@ from pathlib import Path
 
 import ray
 
+from ternarylm.cli import OneLineParser, exit_status
 from ternarylm.errors import UserError
 from ternarylm.study import StudyConfig, run_study, trial_table
 from ternarylm.tracking import quiet_mlflow
@@ -80,8 +81,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="local", choices=PRESETS)
     parser.add_argument("--config", help="your own study YAML (instead of a preset)")
     parser.add_argument("--data", help="corpus for every trial: a .txt/.jsonl/.parquet file or "
@@ -100,25 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ["TERNARYLM_VERBOSE"] = "1"
     quiet_mlflow()
-    try:
-        study = load_study(args)
-        if args.dry_run:
-            rows = trial_table(study)
-            print_table(rows)
-            if args.json:
-                print(json.dumps(rows))
-            return 0
-        summary = run_study(study, args.storage_path)
-        ray.shutdown()  # flushes the workers' forwarded logs, so the JSON line is the last one
-    except UserError as e:  # every config/data error is one clear line
-        print(f"scaling.py: error: {e}", file=sys.stderr)
-        return 2
+    return exit_status("scaling.py", args.verbose, lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    study = load_study(args)
+    if args.dry_run:
+        rows = trial_table(study)
+        print_table(rows)
+        if args.json:
+            print(json.dumps(rows))
+        return 0
+    summary = run_study(study, args.storage_path)
+    ray.shutdown()  # flushes the workers' forwarded logs, so the JSON line is the last one
     if args.json:
         keys = ("parent_run_id", "trained", "skipped", "fits", "frontier", "errors", "warnings",
                 "lr_search")
         print(json.dumps({k: summary[k] for k in keys}, default=str))
     return 1 if summary["errors"] else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -126,3 +126,106 @@ def test_study_with_unwritable_storage_is_refused(tinystories, tmp_path, mlflow_
     config.write_text(yaml.safe_dump(_study(tinystories)))
     code = _scaling_main()(["--config", str(config), "--storage-path", str(blocker / "runs")])
     _assert_refused(code, capsys.readouterr().err, "is not writable", mlflow_uri)
+
+
+# ------------------------------------------------- non-finite numbers, names, repeats, files
+
+NON_FINITE = [("train.lr", float("nan")), ("train.grad_clip", float("inf")),
+              ("train.weight_decay", float("-inf")), ("train.betas", [0.9, float("nan")]),
+              ("dropout", float("nan")), ("data.val_fraction", float("inf")),
+              ("train.weight_decay_stage2_at", float("nan"))]
+
+
+@pytest.mark.parametrize("field, value", NON_FINITE, ids=[f for f, _ in NON_FINITE])
+def test_non_finite_numbers_are_refused(field, value, tinystories, tmp_path, mlflow_uri, capsys):
+    config = tmp_path / "trial.yaml"  # safe_dump writes YAML's own .nan / .inf
+    config.write_text(yaml.safe_dump(_set(_trial(tinystories, tmp_path), field, value)))
+    code = ternarylm_main(["train", "--config", str(config)])
+    _assert_refused(code, capsys.readouterr().err, "must be a finite number", mlflow_uri)
+
+
+BAD_STUDY_VALUES = [
+    ("tokens_per_param", float("inf"), "study.tokens_per_param must be a finite number, got inf"),
+    ("warmup_fraction", float("nan"), "study.warmup_fraction must be a finite number, got nan"),
+    ("trial.train.lr", float("nan"), "trial.train.lr must be a finite number, got nan"),
+    ("name", "../../../../tmp/escape", "study.name '../../../../tmp/escape' may hold only"),
+    ("name", "a b", "study.name 'a b' may hold only letters, digits"),
+    ("name", "..", "study.name '..' may hold only"),
+    ("seeds", [0, 0], "study.seeds repeats a seed ([0, 0])"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", BAD_STUDY_VALUES,
+                         ids=[f"{f}={v!r}" for f, v, _ in BAD_STUDY_VALUES])
+def test_bad_study_values_are_refused(field, value, message, tinystories, tmp_path, mlflow_uri,
+                                      capsys):
+    study = _set(_study(tinystories), field, value)
+    if field == "tokens_per_param":
+        del study["tokens"]
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    code = _scaling_main()(["--config", str(config)])
+    _assert_refused(code, capsys.readouterr().err, message, mlflow_uri)
+    assert not (tmp_path.parent / "escape").exists()
+
+
+MALFORMED_YAML = [
+    ("size: nano\n\tseed: 1\n", "(line 2, column 1: found character '\\t' that cannot start"),
+    ("size: !!python/object:os.system {}\n", "(line 1, column 7: could not determine a "
+                                             "constructor for the tag"),
+    ("size: [nano\n", "(line 2, column 1: expected ',' or ']'"),
+]
+
+
+@pytest.mark.parametrize("text, message", MALFORMED_YAML, ids=["tab", "python-tag", "unclosed"])
+def test_malformed_yaml_is_one_line(text, message, tmp_path, mlflow_uri, capsys):
+    config = tmp_path / "trial.yaml"
+    config.write_text(text)
+    code = ternarylm_main(["train", "--config", str(config)])
+    _assert_refused(code, capsys.readouterr().err, message, mlflow_uri)
+    code = _scaling_main()(["--config", str(config)])
+    _assert_refused(code, capsys.readouterr().err, message, mlflow_uri)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", b'{"text": "fine"}\n{"text": broken\n', "cannot be read as .jsonl (JSON parse"),
+    ("bad.parquet", b"not parquet at all\n", "cannot be read as .parquet (Parquet magic bytes"),
+], ids=["jsonl", "parquet"])
+def test_unreadable_table_data_is_one_line(name, content, message, tmp_path, mlflow_uri, capsys):
+    corpus = tmp_path / name
+    corpus.write_bytes(content)
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump(_trial(corpus, tmp_path)))
+    code = ternarylm_main(["train", "--config", str(config)])
+    _assert_refused(code, capsys.readouterr().err, message, mlflow_uri)
+
+
+USAGE_ERRORS = [
+    (["export"], "ternarylm export: error: the following arguments are required: source, out, "
+                 "--format; see ternarylm export --help"),
+    (["export", "run", "out", "--format", "onnx"], "ternarylm export: error: argument --format: "
+                                                   "invalid choice: 'onnx'"),
+    (["train"], "ternarylm train: error: the following arguments are required: --config"),
+    (["generate", "--model", "m", "--temperature", "nan"],
+     "ternarylm generate: error: argument --temperature: 'nan' is not a finite number"),
+    (["allocate", "run", "--budget-bits", "inf"], "'inf' is not a finite number"),
+    (["describe", "--size", "huge"], "ternarylm describe: error: argument --size: invalid choice"),
+    (["frobnicate"], "ternarylm: error: argument command: invalid choice: 'frobnicate'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_usage_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        ternarylm_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_study_script_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _scaling_main()(["--preset", "nope"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and "argument --preset: invalid choice" in err, err

@@ -234,3 +234,39 @@ def test_study_script_refuses_a_bad_config_in_one_line(tmp_path):
     assert out.stderr.strip().splitlines() == [
         "scaling.py: error: unknown precision plan 'fp8'; presets: "
         f"{', '.join(PRESETS)} (or give a mapping of plan fields)"]
+
+
+def assert_fault_line(out: subprocess.CompletedProcess, message: str, todo: str) -> None:
+    """A fault: exit status 1 and one line on stderr with the cause and what to do."""
+    assert out.returncode == 1, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr[-3000:]
+    assert todo in lines[0] and "(--verbose shows the traceback)" in lines[0]
+
+
+def test_ray_that_cannot_start_is_one_line(tmp_path, tinystories, mlflow_uri):
+    blocker = tmp_path / "a-file"  # Ray's temp dir under a file: its local node cannot start
+    blocker.write_text("")
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump(with_(TRIAL, data__source=str(tinystories))))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = run_cli(["train", "--config", str(config)], env | {"RAY_TMPDIR": str(blocker)})
+    assert_fault_line(out, "could not start a local Ray cluster (", "run the same command again")
+    assert MlflowClient(mlflow_uri).get_experiment_by_name("ternarylm") is None
+
+
+def test_failed_trial_is_one_line(tmp_path, tinystories, ray_head, mlflow_uri):
+    config = trial_config(tmp_path, tinystories, steps=6, inject_nan_at_step=2)
+    raw = yaml.safe_load(config.read_text()) | {"num_workers": 1, "size": "pico"}
+    config.write_text(yaml.safe_dump(raw))
+    out = run_cli(["train", "--config", str(config)], train_env(ray_head, mlflow_uri))
+    assert_fault_line(out, "diverged: loss became nan at step 2", "lower train.lr")
+    assert only_run(mlflow_uri)[1].info.status == "FAILED"
+
+
+def test_gpu_trial_on_a_cpu_cluster_is_one_line(tmp_path, tinystories, ray_head, mlflow_uri):
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump(with_(TRIAL, data__source=str(tinystories), use_gpu=True)))
+    out = run_cli(["train", "--config", str(config)], train_env(ray_head, mlflow_uri))
+    assert_refused(out, "needs 1 GPU (1 workers) but the Ray cluster has 0; set use_gpu: false",
+                   mlflow_uri)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import traceback
+from collections.abc import Callable
 
-from ternarylm.errors import UserError
+from ternarylm.errors import Fault, UserError, one_line
 from ternarylm.plans import PRESETS
 
 
@@ -156,11 +159,30 @@ def _eval(args: argparse.Namespace) -> None:
     print(json.dumps(summary, default=str))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line naming --help (exit status 2), not a usage
+    block; its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}; see {self.prog} --help\n")
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a number, refusing nan and inf (no option has a meaning for them)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ternarylm.model import SIZES
     from ternarylm.quantizers import TERNARY_SCHEMES
 
-    parser = argparse.ArgumentParser(prog="ternarylm", description=__doc__)
+    parser = OneLineParser(prog="ternarylm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("describe", help="parameter counts, FLOPs and memory of a size and plan")
@@ -188,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "val_bpb, packed_bytes (a study's results.csv works)")
     p.add_argument("--reference", default="fp", help="with --joint: the plan with f = 1, the "
                    "most precise one")
-    p.add_argument("--budget", type=float, nargs="+", default=[], metavar="BYTES",
+    p.add_argument("--budget", type=finite_float, nargs="+", default=[], metavar="BYTES",
                    help="with --joint: predict every plan at these deployable byte budgets, "
                    "with 95%% prediction intervals and P(plan X beats plan Y)")
-    p.add_argument("--tokens", type=float, help="with --joint and a D column that varies: the "
+    p.add_argument("--tokens", type=finite_float, help="with --joint and a D column that varies: the "
                    "training tokens D of the predictions")
     p.set_defaults(func=_fit)
 
@@ -200,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("allocate", help="a precision plan from a pilot trial: the high format "
                                         "for its most sensitive blocks, within a bit budget")
     p.add_argument("source", help="the pilot: an MLflow run id or a trained-model directory")
-    p.add_argument("--budget-bits", type=float, required=True, help="average storage bits per "
+    p.add_argument("--budget-bits", type=finite_float, required=True, help="average storage bits per "
                    "weight of the block linears (e.g. 3.5 with int8 over ternary's 2)")
     p.add_argument("--signal", default="loss", choices=SIGNALS, help="loss: validation loss "
                    "rise with one block low; sparsity: 1 - the block's zero-code share (cheaper)")
@@ -224,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder holding MRPC/, SST-2/, CoLA/ GLUE TSVs (default: "
                    "$TERNARYLM_GLUE_DIR, else the hub dataset nyu-mll/glue)")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=finite_float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--pooling", default=d.pooling, choices=POOLINGS)
     p.add_argument("--max-train-examples", type=int, help="random subset of the train split")
@@ -253,9 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="packed file written by `ternarylm pack`")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--temperature", type=finite_float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens")
-    p.add_argument("--top-p", type=float, help="sample among the likeliest tokens whose "
+    p.add_argument("--top-p", type=finite_float, help="sample among the likeliest tokens whose "
                    "probabilities add up to p (nucleus sampling)")
     p.add_argument("--seed", type=int, help="seed of the sampler, for repeatable output")
     p.set_defaults(func=_generate)
@@ -283,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packed", action="store_true",
                    help="evaluate the packed CPU model (packed on the fly from a run or directory)")
     p.add_argument("--include-path", help="folder of task YAMLs (e.g. on local jsonl files)")
-    p.add_argument("--limit", type=float, help="examples per task (a fraction if below 1)")
+    p.add_argument("--limit", type=finite_float, help="examples per task (a fraction if below 1)")
     p.add_argument("--num-fewshot", type=int)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--embedding-dtype", default="int8", choices=EMBEDDING_DTYPES,
@@ -297,17 +319,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_status(prog: str, verbose: bool, body: Callable[[], int | None]) -> int:
+    """Run an entry point's `body`; every error a user can meet is one line on stderr: bad
+    input exit status 2, a fault 1 (`verbose` prints its traceback first). Anything else is a
+    bug, and keeps its traceback."""
+    try:
+        return body() or 0
+    except UserError as e:  # bad input: one clear line, no traceback
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except Fault as e:
+        if verbose:
+            traceback.print_exc()
+        hint = "" if verbose else " (--verbose shows the traceback)"
+        print(f"{prog}: error: {one_line(e)}{hint}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ternarylm.tracking import quiet_mlflow
 
     quiet_mlflow()
-    try:
-        args.func(args)
-    except UserError as e:  # bad input: one clear line, no traceback
-        print(f"ternarylm {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    verbose = getattr(args, "verbose", False) or os.environ.get("TERNARYLM_VERBOSE") == "1"
+    return exit_status(f"ternarylm {args.command}", verbose, lambda: args.func(args))
 
 
 if __name__ == "__main__":

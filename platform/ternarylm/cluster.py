@@ -16,6 +16,11 @@ from pathlib import Path
 
 from ternarylm import tracking
 from ternarylm.config import ConfigError, TrialConfig, ternarylm_home
+from ternarylm.errors import Fault, one_line
+
+class ClusterError(Fault):
+    """The Ray cluster could not be started or joined."""
+
 
 DRIVER_RESOURCE = "trial_driver"  # a custom resource for trial drivers (Tune trials), no CPU
 
@@ -66,12 +71,22 @@ def connect_ray(address: str | None) -> str | None:
         return None
     # Errors on the console stay one line; the console shows our progress, not Ray's stream.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": verbose()}
-    if address is not None:
-        ray.init(address=address, **quiet)
-    else:
-        for name, value in LOCAL_CLUSTER_ENV.items():  # the local cluster's processes inherit it
-            os.environ.setdefault(name, value)
-        ray.init(address="local", resources={DRIVER_RESOURCE: 1000}, **quiet)
+    try:
+        if address is not None:
+            ray.init(address=address, **quiet)
+        else:
+            for name, value in LOCAL_CLUSTER_ENV.items():  # its processes inherit these
+                os.environ.setdefault(name, value)
+            # Ray's notice that it turned token authentication on for a cluster of our own
+            # would be a second line under every one-line error (and noise on every run).
+            logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+            ray.init(address="local", resources={DRIVER_RESOURCE: 1000}, **quiet)
+    except Exception as e:  # Ray raises bare Exceptions (a node's 30 s start-up limit), OSError...
+        where = (f"could not join the Ray cluster at {address}" if address else
+                 "could not start a local Ray cluster")
+        raise ClusterError(f"{where} ({one_line(e)[:300]}); nothing was trained: run the same "
+                           f"command again (on a loaded machine, once it is quieter, or start a "
+                           f"cluster with `ray start --head`)") from e
     if not verbose():
         print(f"worker logs: {session_logs()} (on each node; a study keeps this node's with its "
               f"MLflow run, artifact logs/; --verbose shows them here)", flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 
 from ternarylm.data import DataConfig
-from ternarylm.errors import UserError
+from ternarylm.errors import UserError, yaml_problem
 from ternarylm.identity import content_key
 from ternarylm.model import ModelConfig, model_config
 from ternarylm.plans import PrecisionPlan
@@ -43,7 +44,8 @@ what model it trains; such fields are left out of `TrialConfig.key()`."""
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+                or not math.isfinite(value)):
             raise ConfigError(f"{type(obj).__name__}.{name} must be a positive number, got "
                               f"{value!r}")
 
@@ -216,12 +218,14 @@ class TrialConfig:
         need = {"CPU": self.num_workers * self.cpus_per_worker}
         if self.use_gpu:
             need["GPU"] = self.num_workers
+        lower = {"CPU": "lower num_workers or cpus_per_worker",
+                 "GPU": "set use_gpu: false, lower num_workers, join a cluster with GPUs"}
         for kind, amount in need.items():
             if amount > resources.get(kind, 0):
                 raise ConfigError(
                     f"trial {self.run_name} needs {amount:g} {kind} ({self.num_workers} workers) "
-                    f"but the Ray cluster has {resources.get(kind, 0):g}; lower num_workers or "
-                    f"cpus_per_worker, or set TERNARYLM_AUTOSCALING=1 on a cluster that scales up")
+                    f"but the Ray cluster has {resources.get(kind, 0):g}; {lower[kind]}, or set "
+                    f"TERNARYLM_AUTOSCALING=1 on a cluster that scales up")
 
     @property
     def global_batch_tokens(self) -> int:
@@ -277,6 +281,10 @@ def _identity_fields(obj: Any) -> dict[str, Any]:
     return out
 
 
+YAML_HINT = ("indent with spaces, not tabs, and write plain values (tags such as "
+             "!!python/object are not read)")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -284,7 +292,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         d = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML ({yaml_problem(e)}); "
+                          f"{YAML_HINT}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, got "
                           f"{type(d).__name__}")
@@ -322,6 +331,10 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
     ConfigError naming the field `where`. Dataclass fields accept their mappings (built by the
     dataclass itself); a precision plan accepts a preset name or a mapping."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if isinstance(value, float) and not math.isfinite(value):
+        # YAML reads .nan and .inf as numbers; no setting has a meaning for them (a rate, a
+        # clip or a fraction of NaN would train garbage, or crash minutes in).
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):

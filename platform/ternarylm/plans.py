@@ -25,7 +25,7 @@ from typing import Any
 import torch.nn as nn
 import yaml
 
-from ternarylm.errors import UserError
+from ternarylm.errors import UserError, yaml_problem
 from ternarylm.quantizers import (
     FORMATS,
     FP,
@@ -198,7 +198,7 @@ def load_plan_file(path: str | Path) -> PrecisionPlan:
                         f"path (relative paths are taken from the working directory)") from None
     except yaml.YAMLError as e:
         raise PlanError(f"precision plan file {path} is not valid YAML "
-                        f"({str(e).splitlines()[0]})") from None
+                        f"({yaml_problem(e)})") from None
     if not isinstance(fields, dict) or "file" in fields:
         raise PlanError(f"precision plan file {path} must hold one mapping of plan fields "
                         f"(no nested `file:`)")

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from ternarylm.quantizers import TERNARY_SCHEMES
 from ternarylm.cluster import (DRIVER_RESOURCE, check_capacity, check_storage, cluster_watch,
                                connect_ray, keep_worker_logs, ray_address, verbose)
 from ternarylm.cluster import storage_path as trial_storage_path
-from ternarylm.trial import run_trial
+from ternarylm.trial import last_line, run_trial
 
 STUDY_TAG = "ternarylm.study"
 STOPPED_EARLY = "stopped early by the scheduler"
@@ -92,10 +93,18 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise ConfigError("study.name is empty: name the study (its MLflow parent run)")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name) or set(self.name) == {"."}:
+            # The name makes folders (the Tune run's `study-<name>-<time>`, its lock): a slash
+            # or a `..` would put them outside the storage path.
+            raise ConfigError(f"study.name {self.name!r} may hold only letters, digits, '.', "
+                              f"'_' and '-'; rename the study")
         for name in ("sizes", "schemes", "plans", "seeds"):
             value = getattr(self, name)
             if not isinstance(value, list) or not value:
                 raise ConfigError(f"study.{name} must be a non-empty list, got {value!r}")
+        if len(set(map(repr, self.seeds))) < len(self.seeds):
+            raise ConfigError(f"study.seeds repeats a seed ({self.seeds}); list each seed once "
+                              f"(a repeated seed trains the same model twice)")
         for scheme in self.schemes:
             if scheme not in TERNARY_SCHEMES:
                 raise ConfigError(f"study.schemes: unknown scheme {scheme!r}; choose from "
@@ -516,7 +525,7 @@ class _TuneRun:
         )
         grid = tuner.fit()
         # The last line of a trial's error is its own exception (Ray prefixes task details).
-        summary["errors"] += [str(e).strip().splitlines()[-1][:400] for e in grid.errors]
+        summary["errors"] += [last_line(e)[:400] for e in grid.errors]
         # After a Ctrl-C, Tune hands back some results without their config: nothing to name.
         finished = [r for r in grid if r.error is None and r.metrics and r.config]
         summary["skipped"] += [_trial_name(r) for r in finished if r.metrics.get("skipped")]

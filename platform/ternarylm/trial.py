@@ -22,13 +22,21 @@ from ternarylm.cluster import (check_capacity, check_storage, cluster_watch, con
                                ray_address, storage_path)
 from ternarylm.config import TrialConfig
 from ternarylm.data import prepare_data
+from ternarylm.errors import Fault
 from ternarylm.identity import NUMERICS_VERSIONS
 from ternarylm.train import DIVERGED_TAG
 from ternarylm.worker import TrialRuntime, payload, train_worker
 
 
-class TrialFailed(RuntimeError):
+class TrialFailed(Fault):
     """The trial ended without a final model (diverged, or its workers kept failing)."""
+
+
+def last_line(error: BaseException) -> str:
+    """The last line of an error's message: Ray's errors put the task's details and the
+    worker's traceback first, and the worker's own exception last."""
+    lines = str(error).strip().splitlines()
+    return lines[-1].strip() if lines else type(error).__name__
 
 
 @dataclass
@@ -123,14 +131,17 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
         with cluster_watch(watch, uri, run_id, f"trial {cfg.run_name}"):
             result = trainer.fit()
     except Exception as e:
-        tracking.end_run(uri, run_id, "FAILED", f"training failed: {e}")
-        raise TrialFailed(f"trial {cfg.run_name} failed: {e}") from e
+        cause = last_line(e)
+        tracking.end_run(uri, run_id, "FAILED", f"training failed: {cause}")
+        raise TrialFailed(f"trial {cfg.run_name} failed: {cause}; when its cause is fixed, run "
+                          f"the same command again to resume from its last checkpoint") from e
     t2 = time.perf_counter()
     run = tracking.client(uri).get_run(run_id)
     diverged = run.data.tags.get(DIVERGED_TAG)
     if diverged:
         tracking.end_run(uri, run_id, "FAILED", f"diverged: {diverged}")
-        raise TrialFailed(f"trial {cfg.run_name} diverged: {diverged}")
+        raise TrialFailed(f"trial {cfg.run_name} diverged: {diverged}; lower train.lr or "
+                          f"raise train.warmup_steps, or clip harder (train.grad_clip)")
     finish_run(uri, run_id, cfg, run.data.metrics)
     seconds = {M.SETUP_S: t1 - t0, M.FIT_S: t2 - t1, M.FINISH_S: time.perf_counter() - t2}
     loop = (result.metrics or {}).get(M.TRAIN_LOOP_S)

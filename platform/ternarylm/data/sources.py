@@ -8,6 +8,7 @@ their licence header and footer and stay one document.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import itertools
 import os
 import re
@@ -162,7 +163,7 @@ def _table_documents(path: Path, column: str) -> list[str]:
         _check_text_prefix(path)
     builder = "json" if path.suffix == ".jsonl" else "parquet"
     # datasets copies the file into an Arrow cache; keep that copy private to this build.
-    with tempfile.TemporaryDirectory() as hf_cache:
+    with tempfile.TemporaryDirectory() as hf_cache, _quiet_datasets():
         try:
             table = datasets.load_dataset(
                 builder, data_files=str(path), split="train", cache_dir=hf_cache
@@ -180,6 +181,24 @@ def _table_documents(path: Path, column: str) -> list[str]:
         if getattr(feature, "dtype", None) not in ("string", "large_string"):
             raise DataError(f"{path}: column {column!r} holds {feature}, not text; pick a text column")
         return [text.strip() for text in table[column] if text and text.strip()]
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Without datasets' progress bar and its own log line of a read error: a bad file is
+    one line, our DataError (a local file's conversion takes moments; nothing to watch)."""
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    level = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _check_text_prefix(path: Path, size: int = 1 << 20) -> None:
