@@ -58,7 +58,9 @@ def load_claims(args: argparse.Namespace) -> ClaimsConfig:
 
 
 def dry_run(claims: ClaimsConfig, as_json: bool) -> None:
-    out = {"name": claims.name, "studies": {}}
+    out = {"name": claims.name, "protocol": claims.protocol, "studies": {}}
+    if claims.protocol:
+        print(f"protocol: {claims.protocol}")
     for key, study in claims.studies.items():
         rows = trial_table(study)
         print(f"\n{key} ({study.name}):")
@@ -76,9 +78,11 @@ def dry_run(claims: ClaimsConfig, as_json: bool) -> None:
     shared = sum(s["trials"] for s in out["studies"].values()) - out["trials"]
     print(f"\nall studies: {out['trials']} distinct trials ({shared} shared between studies), "
           f"{out['tokens']:,} training tokens, {out['gpu_hours']:.3g} GPU-hours at the assumed "
-          f"MFU; then MRPC fine-tuning of the quality study's lowest-seed FP and ternary models "
-          f"and packing, resident memory and batch-1 decoding ({claims.decode_tokens} tokens) "
-          f"of the trained models and of paper-132m on the CPU")
+          f"MFU; then fine-tuning of every finished FP and ternary seed of the quality study on "
+          f"{', '.join(claims.glue_tasks)} under fine-tuning seeds {claims.finetune_seeds}, and "
+          f"packing, peak memory ({claims.peak_repeats} processes per model) and batch-1 "
+          f"decoding ({claims.decode_tokens} tokens) of the trained models and of "
+          f"{claims.footprint_size} on the CPU")
     if as_json:
         print(json.dumps(out))
 
