@@ -21,7 +21,7 @@ from pathlib import Path
 
 from scaling import print_table, shared_sample
 
-from ternarylm.claims import ClaimsConfig, run_claims
+from ternarylm.claims import ClaimsConfig, plan_power, run_claims
 from ternarylm.config import ConfigError, load_yaml
 from ternarylm.errors import UserError
 from ternarylm.study import trial_table
@@ -87,6 +87,16 @@ def dry_run(claims: ClaimsConfig, as_json: bool) -> None:
         print(json.dumps(out))
 
 
+def read_report(path: str) -> dict | None:
+    """A previous run's claims.json, or None for no path."""
+    if not path:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--plan-power {path}: not a readable claims.json ({e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,11 +109,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="Ray Train/Tune storage (local path, s3:// or gs://)")
     parser.add_argument("--dry-run", action="store_true", help="print the trial tables only")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--plan-power", nargs="?", const="", metavar="CLAIMS_JSON",
+                        help="print the seeds each claim's test needs and their cost (dry run), "
+                             "from a previous run's claims.json if given, else from assumed "
+                             "spreads; runs nothing")
     args = parser.parse_args(argv)
     quiet_mlflow()
     start = time.perf_counter()
     try:
         claims = load_claims(args)
+        if args.plan_power is not None:
+            print("\n".join(plan_power(claims, read_report(args.plan_power))))
+            return 0
         if args.dry_run:
             dry_run(claims, args.json)
             return 0

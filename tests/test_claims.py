@@ -396,6 +396,22 @@ def test_paper_preset_is_the_papers_scale(paper_claims, capsys):
     assert cfg.glue_tasks == ["mrpc", "sst2", "cola"]
 
 
+def test_plan_power_prints_the_seeds_and_their_cost(paper_claims, capsys, tmp_path):
+    assert paper_claims.main(["--preset", "paper", "--plan-power"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["claim 1", "claim 2", "claim 4", "claim 5"]
+    # GLUE: a +-1 point band at a 2-point spread needs 36 runs; 9 run (3 x 3), so 27 more runs
+    # are 9 more pretraining seeds of fp and ternary: 18 trials.
+    assert "36 seeds (have 9)" in lines[1] and "9 more seeds: 18 trials" in lines[1]
+    finding = claims.quality_finding(quality_rows([53.0, 63.0]), PAPER)
+    _, data = claims.report([finding], "previous")
+    previous = tmp_path / "claims.json"
+    previous.write_text(json.dumps(data))
+    assert paper_claims.main(["--preset", "paper", "--plan-power", str(previous)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"{finding.power.seeds} seeds (have 3)" in first and "measured over 2 seeds" in first
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "nope", "--dry-run"], "unknown preset 'nope'"),
     (["--dry-run", "--bogus"], "unrecognized arguments"),

@@ -1168,6 +1168,48 @@ def attach_costs(findings: list[Finding], cfg: ClaimsConfig,
             f.decide = "; ".join(x for x in (f.decide, cost) if x)
 
 
+def assumed_powers() -> dict[int, Power]:
+    """The seeds each seed-limited claim needs if the paper's figures are true, at the spreads
+    ASSUMED_SD states: the plan before any run."""
+    def band(paper: float, lo: float, hi: float, key: str) -> Power:
+        return band_power([], lo, hi, key, assumed_mean=paper)
+
+    glue = [band(paper, *_glue_band(t), "glue") for t, (_, paper, _) in GLUE_CLAIMS.items()]
+    claim4 = [shift_power(PAPER_RATIO_FP - PAPER_RATIO_TERNARY, 0, ASSUMED_SD["ratio"],
+                          "assumed, ASSUMED_SD['ratio']", True),
+              shift_power(VAL_LOSS_MARGIN, 0, ASSUMED_SD["val_loss"],
+                          "assumed, ASSUMED_SD['val_loss'], equal val losses", True)]
+    paper_gap = statistics.fmean(PAPER_MIDDLE) - statistics.fmean(PAPER_BOUNDARY)
+    return {1: band(PAPER_PPL, *_ppl_band(), "ppl"),
+            2: max(glue, key=lambda p: p.seeds or MAX_SEEDS + 1),
+            4: max(claim4, key=lambda p: p.seeds or MAX_SEEDS + 1),
+            5: shift_power(paper_gap - _gap_bound(), 0, ASSUMED_SD["gap"],
+                           "assumed, ASSUMED_SD['gap']", False)}
+
+
+def plan_power(cfg: ClaimsConfig, previous: dict[str, Any] | None = None) -> list[str]:
+    """One line per seed-limited claim: the seeds its test needs and what they cost in this
+    config's dry run; from a previous run's claims.json (its measured spreads and seeds) when
+    given, else from assumed_powers()."""
+    if previous is not None:
+        powers = {c["id"]: Power(**c["power"]) for c in previous["claims"] if c.get("power")}
+        source = "a previous run's measured spread"
+    else:
+        powers, source = assumed_powers(), "the paper's figures as the truth"
+    lines = []
+    for claim, key in CLAIM_STUDY.items():
+        if claim not in powers:
+            lines.append(f"claim {claim} ({CLAIMS[claim].title}): decided by the previous run, "
+                         f"or not limited by seeds")
+            continue
+        runs = len(cfg.finetune_seeds) if claim == 2 else 1
+        power = dataclasses.replace(powers[claim], have=len(cfg.studies[key].seeds) * runs)
+        cost = cost_text(power, seed_cost(cfg.studies[key]), runs)
+        lines.append(f"claim {claim} ({CLAIMS[claim].title}), from {source}: {power.text()} in "
+                     f"this config; {cost}")
+    return lines
+
+
 def log_report(uri: str, run_ids: list[str], markdown: str, data: dict[str, Any]) -> None:
     """claims/claims.md and claims/claims.json on each of the runs."""
     from ternarylm import tracking
