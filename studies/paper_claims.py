@@ -21,7 +21,7 @@ from pathlib import Path
 
 from scaling import print_table, shared_sample
 
-from ternarylm.claims import ClaimsConfig, run_claims
+from ternarylm.claims import ClaimsConfig, plan_power, run_claims
 from ternarylm.config import ConfigError, load_yaml
 from ternarylm.errors import UserError
 from ternarylm.study import trial_table
@@ -58,7 +58,9 @@ def load_claims(args: argparse.Namespace) -> ClaimsConfig:
 
 
 def dry_run(claims: ClaimsConfig, as_json: bool) -> None:
-    out = {"name": claims.name, "studies": {}}
+    out = {"name": claims.name, "protocol": claims.protocol, "studies": {}}
+    if claims.protocol:
+        print(f"protocol: {claims.protocol}")
     for key, study in claims.studies.items():
         rows = trial_table(study)
         print(f"\n{key} ({study.name}):")
@@ -76,11 +78,23 @@ def dry_run(claims: ClaimsConfig, as_json: bool) -> None:
     shared = sum(s["trials"] for s in out["studies"].values()) - out["trials"]
     print(f"\nall studies: {out['trials']} distinct trials ({shared} shared between studies), "
           f"{out['tokens']:,} training tokens, {out['gpu_hours']:.3g} GPU-hours at the assumed "
-          f"MFU; then MRPC fine-tuning of the quality study's lowest-seed FP and ternary models "
-          f"and packing, resident memory and batch-1 decoding ({claims.decode_tokens} tokens) "
-          f"of the trained models and of paper-132m on the CPU")
+          f"MFU; then fine-tuning of every finished FP and ternary seed of the quality study on "
+          f"{', '.join(claims.glue_tasks)} under fine-tuning seeds {claims.finetune_seeds}, and "
+          f"packing, peak memory ({claims.peak_repeats} processes per model) and batch-1 "
+          f"decoding ({claims.decode_tokens} tokens) of the trained models and of "
+          f"{claims.footprint_size} on the CPU")
     if as_json:
         print(json.dumps(out))
+
+
+def read_report(path: str) -> dict | None:
+    """A previous run's claims.json, or None for no path."""
+    if not path:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--plan-power {path}: not a readable claims.json ({e})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,11 +109,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="Ray Train/Tune storage (local path, s3:// or gs://)")
     parser.add_argument("--dry-run", action="store_true", help="print the trial tables only")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--plan-power", nargs="?", const="", metavar="CLAIMS_JSON",
+                        help="print the seeds each claim's test needs and their cost (dry run), "
+                             "from a previous run's claims.json if given, else from assumed "
+                             "spreads; runs nothing")
     args = parser.parse_args(argv)
     quiet_mlflow()
     start = time.perf_counter()
     try:
         claims = load_claims(args)
+        if args.plan_power is not None:
+            print("\n".join(plan_power(claims, read_report(args.plan_power))))
+            return 0
         if args.dry_run:
             dry_run(claims, args.json)
             return 0

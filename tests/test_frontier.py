@@ -181,13 +181,11 @@ def test_budget_predictions(law):
             assert e["ci"][0] - 0.01 <= true[plan] <= e["ci"][1] + 0.01, plan
         # the predicted best is the true best, or within the fit's error of it
         assert true[out["best"]] <= min(true.values()) + 0.01
-        p = out["p_beats"]
-        for x in PLANS:
-            for y in PLANS:
-                if x != y:
-                    assert p[x][y] + p[y][x] == pytest.approx(1.0), (x, y)
-        # int8 keeps 90% of the parameters' worth at half fp's bytes: a clear win
-        assert p["int8"]["fp"] > 0.95
+        p, means = out["p_beats"], out["mean_lower_share"]
+        # int8 keeps 90% of the parameters' worth at half fp's bytes: a clear win of the means;
+        # one more run of each carries its own noise, so the win of one run is less sure.
+        assert means["int8"]["fp"] > 0.95
+        assert 0.5 < p["int8"]["fp"] < means["int8"]["fp"]
     assert law.at_budget(1e9)["plans"]["fp"]["extrapolated"]
 
 

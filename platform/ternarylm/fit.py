@@ -621,13 +621,16 @@ class PrecisionLaw:
         """Each plan at `budget` deployable bytes: N from its bytes relation, predicted loss with
         a 95% confidence interval of the mean (bootstrap draws of the parameters) and a 95%
         prediction interval of one more trained model (those draws times multiplicative noise
-        exp(residual_sd * t_dof)); and p_beats[X][Y], the share of bootstrap draws in which X's
-        predicted mean loss is below Y's (near 0.5: the data cannot tell them apart)."""
+        exp(residual_sd * t_dof)); p_beats[X][Y], the probability that one more trained model
+        of X has a lower loss than one more of Y (the same draws, each plan's own noise); and
+        mean_lower_share[X][Y], the share of bootstrap draws in which X's predicted mean loss is
+        below Y's (how sure the fit is of the order of the means, not of one run's)."""
         if not budget > 0:
             raise FitError(f"a byte budget must be positive, got {budget}")
         rng = np.random.default_rng(seed)
         out: dict[str, Any] = {"budget_bytes": float(budget), "plans": {}}
         draws: dict[str, np.ndarray] = {}
+        runs: dict[str, np.ndarray] = {}  # one more trained model per (draw, noise draw)
         for plan in self.plans:
             rel = self.bytes.get(plan)
             if rel is None:
@@ -643,12 +646,14 @@ class PrecisionLaw:
                 noise = np.exp(self.residual_sd * rng.standard_t(self.dof, (len(mean),
                                                                             _NOISE_DRAWS)))
                 entry["ci"] = [float(v) for v in np.percentile(mean, [2.5, 97.5])]
-                entry["pi"] = [float(v) for v in np.percentile(mean[:, None] * noise,
-                                                               [2.5, 97.5])]
+                runs[plan] = mean[:, None] * noise
+                entry["pi"] = [float(v) for v in np.percentile(runs[plan], [2.5, 97.5])]
             out["plans"][plan] = entry
         if draws:
-            out["p_beats"] = {x: {y: float(np.mean(draws[x] < draws[y])) for y in draws if y != x}
-                              for x in draws}
+            out["p_beats"] = {x: {y: float(np.mean(runs[x] < runs[y])) for y in runs if y != x}
+                              for x in runs}
+            out["mean_lower_share"] = {x: {y: float(np.mean(draws[x] < draws[y]))
+                                           for y in draws if y != x} for x in draws}
         fitted = {p: e["loss"] for p, e in out["plans"].items() if "loss" in e}
         out["best"] = min(fitted, key=fitted.get) if fitted else None
         return out

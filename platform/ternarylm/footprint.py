@@ -3,6 +3,8 @@
 Each measurement runs in a fresh subprocess (`python -m ternarylm.footprint`), so that neither
 model's memory or caches help the other:
   resident memory  RSS after `load_packed` minus RSS before it, one process per model;
+  peak memory      the peak RSS of a process that loads one model and decodes with it: the
+                   whole process, runtime included, as a user of either model would see it;
   decode speed     ms per token at batch 1 with a KV cache, every model in one process,
                    taking turns token by token so that machine load hits all of them alike.
 The FP32 model is a packed file too (`embedding_dtype="fp32"`, no plan): it runs in the same
@@ -78,6 +80,13 @@ def resident_bytes(path: str | Path, use_kernels: bool = True) -> int:
     return _child(["--rss", str(path), *([] if use_kernels else ["--int8-path"])])["rss_bytes"]
 
 
+def peak_decode_bytes(path: str | Path, n_tokens: int, threads: int) -> int:
+    """Peak resident bytes of a fresh process that loads one packed file and decodes n_tokens
+    at batch 1 with it (its whole lifetime: interpreter, torch and model)."""
+    return _child(["--peak", str(path), "--tokens", str(n_tokens),
+                   "--threads", str(threads)])["peak_rss_bytes"]
+
+
 def decode_times(paths: list[str | Path], n_tokens: int, threads: int,
                  int8_path: list[bool] | None = None) -> list[list[float]]:
     """Per-token decode times (ms, batch 1, KV cache) of each model, taking turns every token
@@ -124,12 +133,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="(internal) one footprint measurement")
     parser.add_argument("--rss", help="resident bytes added by loading this packed file")
     parser.add_argument("--int8-path", action="store_true")
+    parser.add_argument("--peak", help="peak RSS of decoding with this packed file")
     parser.add_argument("--decode", nargs="+", help=f"packed files (suffix {INT8_PATH}: int8 path)")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.rss:
         result = _measure_rss(args.rss, use_kernels=not args.int8_path)
+    elif args.peak:
+        import resource
+
+        _measure_decode([args.peak], args.tokens, args.threads)
+        # ru_maxrss is in KiB on Linux.
+        result = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     else:
         result = _measure_decode(args.decode, args.tokens, args.threads)
     print(json.dumps(result))

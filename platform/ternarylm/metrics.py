@@ -59,6 +59,9 @@ VAL_LOSS = _declare("val/loss", "nats/token", "mean next-token loss on the valid
                     "(no label smoothing)", summary=True, column="val_loss")
 VAL_PPL = _declare("val/ppl", "1", "validation perplexity exp(val/loss); depends on the "
                    "tokenizer", summary=True, column="val_ppl")
+VAL_LOSS_SMOOTHED = _declare("val/loss_smoothed", "nats/token", "validation loss with the "
+                             "training loss's label smoothing (exp of it: the TernaryLM paper's "
+                             "perplexity)", summary=True, column="val_loss_smoothed")
 VAL_BPB = _declare("val/bpb", "bits/byte", "validation bits per UTF-8 byte; comparable across "
                    "tokenizers", summary=True, column="val_bpb")
 TRAIN_SAMPLE_LOSS = _declare("train_sample/loss", "nats/token", "loss on a fixed sample of the "

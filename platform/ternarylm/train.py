@@ -243,19 +243,22 @@ class _Loop:
         return m
 
     @torch.no_grad()
-    def _mean_loss(self, split: str, max_tokens: int | None) -> float:
-        """Mean next-token loss over `split` in eval mode, windows shared out across ranks."""
+    def _mean_loss(self, split: str, max_tokens: int | None) -> tuple[float, float]:
+        """Mean next-token loss over `split` in eval mode, windows shared out across ranks:
+        plain, and with the training loss's label smoothing (what the paper's perplexity is)."""
         self.engine.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for x, y in eval_batches(self.data.tokens(split), self.cfg.seq_len, self.cfg.train.micro_batch,
                                  self.rank, self.world, max_tokens):
-            logits = self.engine(x.to(self.device))
-            sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten(),
-                                       reduction="sum").double()
-            sums[1] += y.numel()
+            logits = self.engine(x.to(self.device)).flatten(0, 1).float()
+            y = y.to(self.device).flatten()
+            sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+            sums[1] += F.cross_entropy(logits, y, reduction="sum",
+                                       label_smoothing=self.cfg.train.label_smoothing).double()
+            sums[2] += y.numel()
         self.engine.train()
         dist.all_reduce(sums)
-        return float(sums[0] / sums[1])
+        return float(sums[0] / sums[2]), float(sums[1] / sums[2])
 
     def _gathered(self):
         """Whole parameters on every rank while inside (ZeRO-3 partitions them: outside a
@@ -269,10 +272,10 @@ class _Loop:
 
     def evaluate(self, step: int) -> dict[str, float]:
         t = self.cfg.train
-        val = self._mean_loss("validation", t.eval_max_tokens)
-        train = self._mean_loss("train", t.train_sample_tokens)
+        val, val_smoothed = self._mean_loss("validation", t.eval_max_tokens)
+        train, _ = self._mean_loss("train", t.train_sample_tokens)
         val_ppl, train_ppl = math.exp(min(val, 80)), math.exp(min(train, 80))
-        m = {M.VAL_LOSS: val, M.VAL_PPL: val_ppl,
+        m = {M.VAL_LOSS: val, M.VAL_PPL: val_ppl, M.VAL_LOSS_SMOOTHED: val_smoothed,
              M.VAL_BPB: val / math.log(2) / self.data.bytes_per_token("validation"),
              M.TRAIN_SAMPLE_LOSS: train, M.TRAIN_SAMPLE_PPL: train_ppl,
              M.TRAIN_VAL_RATIO: val_ppl / train_ppl}

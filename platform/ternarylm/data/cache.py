@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -65,6 +66,9 @@ class DataConfig:
     """Separate validation file or hub id; None = tail of a local source / the hub's split."""
     max_train_bytes: int | None = None
     """Cap on UTF-8 bytes of training text read (hub TinyStories is ~2 GB); None = all."""
+    max_train_docs: int | None = None
+    """Cap on training documents read, the first ones (the TernaryLM paper trains on the first
+    60,000 TinyStories stories); None = all."""
     cache_dir: str = field(default_factory=_default_cache_dir)
     """Root of the token cache: $TERNARYLM_CACHE, else ~/.cache/ternarylm/tokens."""
 
@@ -79,8 +83,10 @@ class DataConfig:
                 f"val_fraction must be in (0, 1), got {self.val_fraction}: it is the share of a "
                 "local file held out for validation (e.g. 0.1)"
             )
-        if self.max_train_bytes is not None and self.max_train_bytes <= 0:
-            raise DataError(f"max_train_bytes must be positive or None, got {self.max_train_bytes}")
+        for name in ("max_train_bytes", "max_train_docs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise DataError(f"{name} must be positive or None, got {value}")
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,8 @@ def _build(config: DataConfig, out: Path) -> None:
     train_docs, val_docs = split_documents(
         config.source, config.val_source, config.text_column, config.val_fraction
     )
+    if config.max_train_docs is not None:
+        train_docs = itertools.islice(train_docs, config.max_train_docs)
     # Validation first: it is small, so a bad validation source fails before a long train read.
     stats = {
         "validation": _spool(val_docs, out / "validation.arrow", max_bytes=None),
@@ -247,6 +255,8 @@ def _cache_settings(config: DataConfig) -> dict:
         "tokenizer": _tokenizer_identity(config.tokenizer),
         "val_fraction": config.val_fraction,
         "max_train_bytes": config.max_train_bytes,
+        # Only when set, so that the caches made before this setting keep their names.
+        **({"max_train_docs": config.max_train_docs} if config.max_train_docs else {}),
     }
 
 
