@@ -5,12 +5,18 @@ engine, bf16, ZeRO-1, NCCL), FP and all_ternary absmean, same data and batch, th
 ternary model and decodes with it on the CPU. Prints each figure as one JSON line, the last
 line holding them all:
 
-    python benchmarks/gpu_check.py [--steps 300] [--data FILE] [--wheels DIR] [--json]
+    python benchmarks/gpu_check.py [--steps 300] [--data FILE] [--wheels DIR] [--out DIR] [--json]
+    python benchmarks/gpu_check.py --cpu-rehearsal --out DIR   # same script, pico, CPU, gloo
 
 step time, tokens/s and MFU are the trial's own `perf/*` metrics (the last log window, no
 evaluation inside), peak memory its `memory/peak_cuda_bytes`; ternary/FP is the ratio of the
 two trials' step times. Installs what is missing itself: `pip install -e .` (from --wheels
-when the machine has no network). Without a GPU it says so and exits 2.
+when the machine has no network). Without a GPU it says so and exits 2, unless
+--cpu-rehearsal, which runs every step on the CPU at the pico size (fp32, gloo) so that all but
+the GPU is known to work. With --out DIR (default $OUT when set) each case's figures are appended
+to DIR/gpu_check.jsonl as soon as they exist: a run cut short still returns what it measured.
+Runs `python -m ternarylm.cli`, not the console script: on the GPU machine the package is on
+PYTHONPATH, not installed.
 """
 
 import os
@@ -43,16 +49,24 @@ def ensure_installed(wheels: str | None) -> None:
                    check=True)
 
 
-def trial_yaml(directory: Path, plan: str, data: str, steps: int, tokenizer: str) -> Path:
+CLI = [sys.executable, "-m", "ternarylm.cli"]
+
+
+def trial_yaml(directory: Path, plan: str, data: str, steps: int, tokenizer: str,
+               gpu: bool = True) -> Path:
     import yaml
 
-    config = {"size": "paper-132m", "scheme": "absmean", "plan": plan, "seq_len": 256,
-              "num_workers": 1, "cpus_per_worker": 4, "use_gpu": True, "max_failures": 0,
+    # The rehearsal keeps the GPU case's shape (same keys, one worker) at a size CPUs train.
+    size, micro, cpus = ("paper-132m", 64, 4) if gpu else ("pico", 4, 1)
+    config = {"size": size, "scheme": "absmean", "plan": plan, "seq_len": 256,
+              "num_workers": 1, "cpus_per_worker": cpus, "use_gpu": gpu, "max_failures": 0,
               "experiment": "gpu-check", "name": f"gpu-check-{plan}",
               "data": {"source": data, "tokenizer": tokenizer},
-              "train": {"steps": steps, "micro_batch": 64, "lr": 1.5e-3, "precision": "bf16",
+              "train": {"steps": steps, "micro_batch": micro, "lr": 1.5e-3,
+                        "precision": "bf16" if gpu else "fp32",
                         "zero_stage": 1, "warmup_steps": min(50, steps // 4),
-                        "eval_every": steps, "checkpoint_every": steps, "log_every": 50,
+                        "eval_every": steps, "checkpoint_every": steps,
+                        "log_every": min(50, steps),
                         "eval_max_tokens": 65536, "train_sample_tokens": 16384},
               "storage_path": str(directory / "runs")}
     path = directory / f"{plan}.yaml"
@@ -61,7 +75,7 @@ def trial_yaml(directory: Path, plan: str, data: str, steps: int, tokenizer: str
 
 
 def train(config: Path, env: dict) -> dict:
-    out = subprocess.run(["ternarylm", "train", "--config", str(config)], env=env,
+    out = subprocess.run([*CLI, "train", "--config", str(config)], env=env,
                          capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"gpu_check: trial {config.stem} failed:\n{out.stderr[-4000:]}")
@@ -78,6 +92,15 @@ def figures(result: dict, global_batch_tokens: int) -> dict:
             "worker_init_s": m.get(M.WORKER_INIT_S)}
 
 
+def record(out_dir: Path | None, line: dict) -> None:
+    """Print one figure line, and append it to out_dir/gpu_check.jsonl at once."""
+    text = json.dumps(line)
+    print(text, flush=True)
+    if out_dir is not None:
+        with open(out_dir / "gpu_check.jsonl", "a") as f:
+            f.write(text + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,12 +110,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="bpe:30522 has the paper's vocabulary size and needs no hub")
     parser.add_argument("--wheels", help="folder of wheels for an offline install")
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--out", default=os.environ.get("OUT"),
+                        help="folder for gpu_check.jsonl, one line per case (default $OUT)")
+    parser.add_argument("--cpu-rehearsal", action="store_true",
+                        help="no CUDA: the same cases at the pico size on the CPU")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args(argv)
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None and not out_dir.is_dir():
+        print(f"gpu_check: error: --out {out_dir} is not a folder; create it or pass another",
+              file=sys.stderr)
+        return 2
     ensure_installed(args.wheels)
     import torch
 
-    if not torch.cuda.is_available():
+    gpu = not args.cpu_rehearsal
+    if gpu and not torch.cuda.is_available():
         print("gpu_check: error: no CUDA device here; run it on a GPU machine", file=sys.stderr)
         return 2
     if not Path(args.data).is_file():
@@ -103,25 +136,28 @@ def main(argv: list[str] | None = None) -> int:
         d = Path(d)
         env = {**os.environ, "TERNARYLM_HOME": str(d / "home"),
                "MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}"}
-        out = {"device": torch.cuda.get_device_name(0)}
-        tokens = 64 * 256
+        out = {"device": torch.cuda.get_device_name(0) if gpu else "cpu (rehearsal)"}
+        record(out_dir, {"device": out["device"], "torch": torch.__version__})
+        tokens = (64 if gpu else 4) * 256
         runs = {}
         for plan in ("fp", "all_ternary"):
-            runs[plan] = train(trial_yaml(d, plan, args.data, args.steps, args.tokenizer), env)
+            config = trial_yaml(d, plan, args.data, args.steps, args.tokenizer, gpu)
+            runs[plan] = train(config, env)
             out[plan] = figures(runs[plan], tokens)
-            print(json.dumps({plan: out[plan]}), flush=True)
+            record(out_dir, {plan: out[plan]})
+        # The cohorts issue's case (several trials in one engine) goes here once it lands.
         out["ternary_fp_step_ratio"] = out["all_ternary"]["step_s"] / out["fp"]["step_s"]
-        print(json.dumps({"ternary_fp_step_ratio": out["ternary_fp_step_ratio"]}), flush=True)
+        record(out_dir, {"ternary_fp_step_ratio": out["ternary_fp_step_ratio"]})
         packed = d / "packed.safetensors"
-        subprocess.run(["ternarylm", "pack", runs["all_ternary"]["run_id"], "--out",
+        subprocess.run([*CLI, "pack", runs["all_ternary"]["run_id"], "--out",
                         str(packed)], env=env, check=True, capture_output=True)
         from ternarylm.footprint import decode_times
 
         times = decode_times([packed], args.decode_tokens, threads=1)[0]
         out["packed_decode_ms_per_token_1_thread"] = sorted(times)[len(times) // 2]
         out["packed_bytes"] = packed.stat().st_size
-        print(json.dumps({k: out[k] for k in ("packed_bytes",
-                                              "packed_decode_ms_per_token_1_thread")}))
+        record(out_dir, {k: out[k] for k in ("packed_bytes",
+                                             "packed_decode_ms_per_token_1_thread")})
     out["wall_s"] = time.time() - started
     if args.json:
         print(json.dumps(out))
