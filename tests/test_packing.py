@@ -313,8 +313,10 @@ def test_one_token_decode_in_c_matches_the_torch_block(block, tmp_path):
     torch_logits, c_logits = decode(False), decode(True)
     assert packed.blocks[0]._decoder is not None  # the C path really ran
     errors = sorted(rel_error(c, t) for c, t in zip(c_logits, torch_logits))
-    # As for training against packing: a rounding difference may flip an activation code.
-    assert errors[len(errors) // 2] < 1e-6 and errors[-1] < 1e-2, errors
+    # As for training against packing: a rounding difference may flip an activation code, and
+    # the flip carries to later tokens through the cache. The median was below 1e-6 on AVX-512
+    # machines and 1.9e-5 on an AVX2-only one (its kernels sum in another order).
+    assert errors[len(errors) // 2] < 1e-4 and errors[-1] < 1e-2, errors
     assert (c_logits.argmax(-1) == torch_logits.argmax(-1)).float().mean() >= 0.95
     packed.float()  # a move of the tensors drops the decoders' pointers
     assert all(b._decoder is None for b in packed.blocks)
