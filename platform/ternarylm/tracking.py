@@ -86,8 +86,11 @@ def ensure_experiment(name: str, uri: str) -> str:
         return c.get_experiment_by_name(name).experiment_id  # created meanwhile by another driver
 
 
-def find_run(uri: str, experiment_id: str, tag: str, value: str) -> Any | None:
-    runs = client(uri).search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+def find_run(uri: str, experiment_id: str, tag: str, value: str,
+             *conditions: str) -> Any | None:
+    """The newest run tagged `tag` = `value` that also meets every filter of `conditions`."""
+    where = " and ".join([f"tags.`{tag}` = '{value}'", *conditions])
+    runs = client(uri).search_runs([experiment_id], filter_string=where,
                                    order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
@@ -103,12 +106,8 @@ def finished_run(uri: str, experiment_id: str, key_tag: str, key: str,
     """The one skip rule of every keyed step (trial, GLUE fine-tune, lm-eval run): the newest
     FINISHED run tagged `key_tag` = `key` (under `parent_run_id` when given) is its result, and
     the step is not run again. Anything else (no run, RUNNING, FAILED, KILLED) is not done."""
-    where = [f"tags.`{key_tag}` = '{key}'", "attributes.status = 'FINISHED'"]
-    if parent_run_id:
-        where.append(f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
-    runs = client(uri).search_runs([experiment_id], filter_string=" and ".join(where),
-                                   order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
+    parent = [f"tags.`{PARENT_TAG}` = '{parent_run_id}'"] if parent_run_id else []
+    return find_run(uri, experiment_id, key_tag, key, "attributes.status = 'FINISHED'", *parent)
 
 
 def stale_key_notice(uri: str, experiment_id: str, version: int) -> str | None:

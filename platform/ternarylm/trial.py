@@ -68,7 +68,7 @@ def open_run(cfg: TrialConfig, uri: str, parent_run_id: str | None,
     finished = tracking.finished_run(uri, experiment_id, tracking.TRIAL_KEY_TAG, cfg.key())
     if finished is not None:
         return finished.info.run_id, finished
-    run = tracking.find_trial_run(uri, cfg.experiment, cfg.key())
+    run = tracking.find_run(uri, experiment_id, tracking.TRIAL_KEY_TAG, cfg.key())
     if run is not None:
         tracking.resume_run(uri, run.info.run_id)
         return run.info.run_id, None
