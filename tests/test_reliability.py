@@ -270,3 +270,31 @@ def test_gpu_trial_on_a_cpu_cluster_is_one_line(tmp_path, tinystories, ray_head,
     out = run_cli(["train", "--config", str(config)], train_env(ray_head, mlflow_uri))
     assert_refused(out, "needs 1 GPU (1 workers) but the Ray cluster has 0; set use_gpu: false",
                    mlflow_uri)
+
+
+# ---------------------------------------------------------------- faults
+
+RACE = """
+import os, sys, time
+from ternarylm.tracking import check_tracking
+open(sys.argv[2] + ".ready" + sys.argv[3], "w").close()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.002)
+check_tracking(sys.argv[1])
+"""
+
+
+def test_a_new_sqlite_store_raced_by_four_processes_is_made_once(tmp_path):
+    """Four processes open one brand-new SQLite store at the same moment (each waits, MLflow
+    imported, for a go file): every one finds it usable, none is told the store "does not
+    answer" (on main's code, 7 of 8 such processes were)."""
+    uri, go = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, uri, str(go), str(i)],
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("go.ready*"))) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(errors)[-3000:]
+    assert MlflowClient(uri).search_experiments()  # the Default experiment: one store, made

@@ -10,7 +10,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from ternarylm.errors import Fault, UserError, one_line
+from ternarylm.errors import Fault, Interrupted, UserError, one_line
 from ternarylm.plans import PRESETS
 
 
@@ -321,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def exit_status(prog: str, verbose: bool, body: Callable[[], int | None]) -> int:
     """Run an entry point's `body`; every error a user can meet is one line on stderr: bad
-    input exit status 2, a fault 1 (`verbose` prints its traceback first). Anything else is a
-    bug, and keeps its traceback."""
+    input exit status 2, a fault 1 (`verbose` prints its traceback first), Ctrl-C 130. Anything
+    else is a bug, and keeps its traceback."""
     try:
         return body() or 0
     except UserError as e:  # bad input: one clear line, no traceback
@@ -333,7 +333,13 @@ def exit_status(prog: str, verbose: bool, body: Callable[[], int | None]) -> int
             traceback.print_exc()
         hint = "" if verbose else " (--verbose shows the traceback)"
         print(f"{prog}: error: {one_line(e)}{hint}", file=sys.stderr)
-        return 1
+        return e.exit_status
+    except KeyboardInterrupt:  # outside the steps that stop cleanly on Ctrl-C (Tune's)
+        if verbose:
+            traceback.print_exc()
+        print(f"{prog}: error: interrupted; run the same command again to resume",
+              file=sys.stderr)
+        return Interrupted.exit_status
 
 
 def main(argv: list[str] | None = None) -> int:

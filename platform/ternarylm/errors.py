@@ -12,6 +12,18 @@ class Fault(RuntimeError):
     """Not the user's input: a trial that failed, a cluster that would not start, a full disk;
     the message names the cause and what to do (usually: the same command again)."""
 
+    exit_status = 1
+
+
+class Interrupted(Fault):
+    """Stopped by the user (Ctrl-C) before the work was done; what finished is kept."""
+
+    exit_status = 130  # the shell's status for a process ended by SIGINT
+
+    def __init__(self, message: str, unfinished: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.unfinished = unfinished or []
+
 
 def one_line(error: BaseException | str) -> str:
     """An error's message on one line (library messages often carry newlines)."""

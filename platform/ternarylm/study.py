@@ -8,11 +8,15 @@ unfinished ones from their checkpoints, and trains only cells added to the confi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import fcntl
+import logging
 import math
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +26,7 @@ from ternarylm import metrics as M
 from ternarylm import tracking
 from ternarylm.analysis import has_ternary_layers
 from ternarylm.identity import NUMERICS_VERSIONS
-from ternarylm.config import ConfigError, TrialConfig, _build, load_yaml
+from ternarylm.config import ConfigError, TrialConfig, _build, load_yaml, ternarylm_home
 from ternarylm.lr_search import (SEARCH_TAG, Choice, LRSearchConfig, choose, search_trials,
                                  with_lr)
 from ternarylm.recipes import recipe_overrides
@@ -33,11 +37,14 @@ from ternarylm.quantizers import TERNARY_SCHEMES
 from ternarylm.cluster import (DRIVER_RESOURCE, check_capacity, check_storage, cluster_watch,
                                connect_ray, keep_worker_logs, ray_address, verbose)
 from ternarylm.cluster import storage_path as trial_storage_path
+from ternarylm.errors import Fault, Interrupted
 from ternarylm.trial import last_line, run_trial
 
 STUDY_TAG = "ternarylm.study"
 STOPPED_EARLY = "stopped early by the scheduler"
 """Why a trial's run ended KILLED when the scheduler (ASHA) stopped it."""
+INTERRUPTED = "interrupted (Ctrl-C) before it finished; run the same command again to resume"
+"""Why a trial's run ended KILLED when the study was interrupted."""
 
 
 @dataclass
@@ -387,7 +394,6 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
     """Run every trial of the study through Ray Tune (after a learning-rate search per cell if
     the study asks for one), then log results, fits and plots."""
     from ternarylm.data import prepare_data
-    from ternarylm.results import report_lr_search, report_study
 
     cells = study.cells()
     trials = [t for ts in cells.values() for t in ts]
@@ -402,16 +408,35 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
     for data in {repr(t.data): t.data for t in trials}.values():
         prepare_data(data)  # once, here: trials find the cache
     tracking.check_tracking(uri)
-    address = connect_ray(address)
-    check_capacity(trials)
-    parent = open_study_run(study, experiment, uri)
+    with study_lock(study.name, uri, trials[0].storage_path):
+        address = connect_ray(address)
+        check_capacity(trials)
+        parent = open_study_run(study, experiment, uri)
+        try:
+            summary = _train_and_report(study, cells, _TuneRun(study, parent, uri, experiment),
+                                        address)
+        except (Interrupted, KeyboardInterrupt) as e:
+            unfinished = ", ".join(getattr(e, "unfinished", None) or ["the study's report"])
+            tracking.set_tags(uri, parent, {tracking.UNFINISHED_TAG: unfinished})
+            tracking.end_run(uri, parent, "KILLED", f"interrupted; unfinished: {unfinished}")
+            raise
+        tracking.end_run(uri, parent, "FINISHED")
+    return summary
+
+
+def _train_and_report(study: StudyConfig, cells: dict[str, list[TrialConfig]],
+                      tune_run: "_TuneRun", address: str | None) -> dict[str, Any]:
+    """The study's trials (after its lr search), then its results on the parent run."""
+    from ternarylm.results import report_lr_search, report_study
+
+    uri, parent, experiment = tune_run.uri, tune_run.parent, tune_run.experiment
     notice = tracking.stale_key_notice(uri, tracking.ensure_experiment(experiment, uri),
                                        NUMERICS_VERSIONS["trial"])
     if notice:  # here, once: the trials' Tune actors then find the experiment tagged
         print(notice, flush=True)
+    trials = [t for ts in cells.values() for t in ts]
     print(f"study {study.name}: {len(trials)} trials, MLflow parent run {parent} at {uri}",
           flush=True)
-    tune_run = _TuneRun(study, parent, uri, experiment)
     summary: dict[str, Any] = {"trained": [], "skipped": [], "errors": [], "lr_search": {}}
     with cluster_watch(address, uri, parent, f"study {study.name}"):
         if study.search:
@@ -427,8 +452,40 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
     summary |= report_study(study, trials, parent, uri, summary["errors"], summary["trained"])
     for key in ("trained", "skipped"):
         summary[key] = sorted(summary[key])
-    tracking.end_run(uri, parent, "FINISHED")
     return summary
+
+
+class StudyRunning(Fault):
+    """Another copy of the study holds its lock."""
+
+
+@contextlib.contextmanager
+def study_lock(name: str, uri: str, storage: str):
+    """While inside, this process alone runs the study `name`: a second copy would train every
+    trial again into the same MLflow runs and checkpoint folders. The lock (an flock, which the
+    kernel releases when its holder dies, SIGKILL included) lies beside the SQLite store the
+    copies would share, else in the local storage folder, else in $TERNARYLM_HOME; copies on
+    other machines sharing a tracking server and s3:// storage are not seen."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+    elif "://" not in storage or storage.startswith("file://"):
+        folder = Path(storage.removeprefix("file://")).expanduser()
+    else:
+        folder = ternarylm_home()
+    path = folder / f".study-{name}.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise StudyRunning(f"study {name} is already running ({holder}, lock {path}); wait "
+                               f"for it to end, or stop it, then run this command again to "
+                               f"resume") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        yield
 
 
 def _search_cell(tune_run: "_TuneRun", cell: str, trial: TrialConfig,
@@ -523,13 +580,51 @@ class _TuneRun:
                 storage_path=trials[0].storage_path,
                 callbacks=[_study_callback(self.experiment, self.uri, clock)], verbose=0),
         )
-        grid = tuner.fit()
+        with _without_restore_hint():
+            grid = tuner.fit()
         # The last line of a trial's error is its own exception (Ray prefixes task details).
         summary["errors"] += [last_line(e)[:400] for e in grid.errors]
-        # After a Ctrl-C, Tune hands back some results without their config: nothing to name.
-        finished = [r for r in grid if r.error is None and r.metrics and r.config]
-        summary["skipped"] += [_trial_name(r) for r in finished if r.metrics.get("skipped")]
-        summary["trained"] += [_trial_name(r) for r in finished if not r.metrics.get("skipped")]
+        # Done means its closing report (which carries `skipped`) arrived: after a Ctrl-C,
+        # Tune hands back the interrupted trials too, without an error.
+        finished = [r for r in grid
+                    if r.error is None and r.config and "skipped" in (r.metrics or {})]
+        summary["skipped"] += [_trial_name(r) for r in finished if r.metrics["skipped"]]
+        summary["trained"] += [_trial_name(r) for r in finished if not r.metrics["skipped"]]
+        ended = {_trial_name(r) for r in finished} | {_trial_name(r) for r in grid
+                                                       if r.error is not None and r.config}
+        unfinished = [t for t in trials if t.run_name not in ended]
+        if unfinished:
+            raise self._interrupted(unfinished, len(trials))
+
+    def _interrupted(self, unfinished: list[TrialConfig], total: int) -> Interrupted:
+        """Tune returns early only when stopped (Ctrl-C): the unfinished trials' runs, left
+        RUNNING by their killed actors, end KILLED so the store tells what is not done."""
+        for t in unfinished:
+            run = tracking.find_trial_run(self.uri, self.experiment, t.key())
+            if run is not None and run.info.status == "RUNNING":
+                tracking.end_run(self.uri, run.info.run_id, "KILLED", INTERRUPTED)
+        names = [t.run_name for t in unfinished]
+        return Interrupted(f"study {self.study.name} interrupted with {len(names)} of {total} "
+                           f"trials unfinished ({', '.join(names)}); finished trials are kept: "
+                           f"run the same command again to resume", names)
+
+
+class _RestoreHintFilter(logging.Filter):
+    """Drops Tune's advice to call `Tuner.restore` after a Ctrl-C: a study resumes by running
+    the same command again (its trials are keyed in MLflow), which our last line says."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_restore_hint():
+    logger, hint = logging.getLogger("ray.tune.tune"), _RestoreHintFilter()
+    logger.addFilter(hint)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hint)
 
 
 def _reuses_actors(scheduler: Any, param_space: dict[str, Any]) -> bool:

@@ -7,6 +7,7 @@ so a restarted worker continues the same run; only rank 0 logs.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import subprocess
@@ -49,7 +50,27 @@ def tracking_uri() -> str:
 
 
 def client(uri: str | None = None) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///") and uri not in _OPENED_STORES:
+        return _open_sqlite_store(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+_OPENED_STORES: set[str] = set()
+"""The SQLite stores this process has opened (MLflow keeps one store object per URI)."""
+
+
+def _open_sqlite_store(uri: str) -> MlflowClient:
+    """A client of a SQLite store, opened under a lock file beside it: the first client of a
+    brand-new store creates its tables and migrates them, and two processes doing that at once
+    collide ("table latest_metrics already exists"); under the lock the second finds it made."""
+    db = Path(uri.removeprefix("sqlite:///"))
+    with open(db.with_name(f"{db.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or by the kernel if we die
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)
+    _OPENED_STORES.add(uri)
+    return c
 
 
 def check_tracking(uri: str) -> None:
@@ -152,11 +173,14 @@ STOPPED_EARLY_TAG = "ternarylm.stopped_early"
 """On a run an early-stopping scheduler (ASHA) ended: its result was ruled on (cleared when it
 resumes)."""
 
+UNFINISHED_TAG = "ternarylm.unfinished"
+"""On a study's run that was interrupted: the trials left unfinished (cleared when it resumes)."""
+
 
 def resume_run(uri: str, run_id: str) -> None:
     c = client(uri)
     tags = c.get_run(run_id).data.tags
-    for stale in (FAILURE_TAG, STOPPED_EARLY_TAG):  # an earlier ending's marks
+    for stale in (FAILURE_TAG, STOPPED_EARLY_TAG, UNFINISHED_TAG):  # an earlier ending's marks
         if stale in tags:
             c.delete_tag(run_id, stale)
     c.update_run(run_id, status="RUNNING")
