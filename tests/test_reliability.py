@@ -16,6 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from ternarylm import tracking
 from ternarylm.config import TrialConfig, load_yaml
 from ternarylm.data import DataConfig, WindowSampler, prepare_data
 from ternarylm.errors import UserError
@@ -298,3 +299,109 @@ def test_a_new_sqlite_store_raced_by_four_processes_is_made_once(tmp_path):
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(errors)[-3000:]
     assert MlflowClient(uri).search_experiments()  # the Default experiment: one store, made
+
+
+def study_runs(uri: str) -> dict:
+    client = tracking.client(uri)  # under the store's lock: the study may be creating it
+    exp = client.get_experiment_by_name("ternarylm")
+    return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])} if exp else {}
+
+
+def wait_for_runs(uri: str, proc: subprocess.Popen, ready, timeout: float = 600) -> dict:
+    """The study's runs by name once `ready(runs)` holds (the study still running)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        runs = study_runs(uri)
+        if ready(runs):
+            return runs
+        time.sleep(0.2)
+    raise AssertionError(f"the study did not get there in {timeout} s: {list(study_runs(uri))}")
+
+
+def trial_runs(runs: dict) -> list:
+    return [r for n, r in runs.items() if not n.startswith("study-")]
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_study_is_no_success_and_a_second_copy_is_refused(tmp_path, tinystories,
+                                                                     ray_head):
+    """Two pico trials one after the other: while the first trains, a second copy of the
+    study is refused in one line; Ctrl-C once the second trains ends the study with exit
+    status 130: the finished trial kept, the other KILLED, the parent run KILLED naming it, and
+    the last line says to run the command again, which then trains only what was left (on
+    main's code: exit 0, the parent FINISHED, the trial RUNNING, Tune's `Tuner.restore` last,
+    and the second copy trained both trials again)."""
+    config = study_yaml(tmp_path / "study.yaml", tinystories, ["pico"], ["all_ternary"],
+                        name="ctrlc", seeds=[0, 1], max_concurrent=1, tokens=51200)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, **ray_head, "MLFLOW_TRACKING_URI": uri,
+           "TERNARYLM_STORAGE_PATH": str(tmp_path / "runs")}
+    command = [sys.executable, str(REPO / "studies" / "scaling.py"), "--config", str(config),
+               "--json"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_runs(uri, proc, trial_runs)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 1, second.stderr[-3000:]
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "study ctrlc is already running (pid" in lines[0], lines
+    wait_for_runs(uri, proc, lambda runs: len(trial_runs(runs)) == 2
+                  and {r.info.status for r in trial_runs(runs)} == {"FINISHED", "RUNNING"})
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Tuner.restore" not in err
+    last = err.strip().splitlines()[-1]
+    assert "interrupted with 1 of 2 trials unfinished" in last, err[-3000:]
+    assert last.endswith("run the same command again to resume (--verbose shows the traceback)")
+    runs = study_runs(uri)
+    (done,) = [r for r in trial_runs(runs) if r.info.status == "FINISHED"]
+    (left,) = [r for r in trial_runs(runs) if r.info.run_id != done.info.run_id]
+    assert left.info.status == "KILLED"
+    parent = runs["study-ctrlc"]
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags["ternarylm.unfinished"] == left.info.run_name
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary["trained"] == [left.info.run_name]
+    assert summary["skipped"] == [done.info.run_name]
+    runs = study_runs(uri)
+    assert {r.info.status for r in runs.values()} == {"FINISHED"} and len(runs) == 3
+    assert "ternarylm.unfinished" not in runs["study-ctrlc"].data.tags
+
+
+def pico_trial(tmp_path: Path, corpus: Path, steps: int, every: int, **extra) -> Path:
+    """A one-worker pico trial with a checkpoint (and evaluation) every `every` steps."""
+    config = trial_config(tmp_path, corpus, steps=steps, warmup_steps=1, eval_every=every,
+                          checkpoint_every=every, log_every=every)
+    raw = yaml.safe_load(config.read_text()) | {"num_workers": 1, "size": "pico", **extra}
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_is_quarantined_and_the_trial_resumes(
+        tmp_path, tinystories, ray_head, mlflow_uri):
+    """A trial left unfinished (its run KILLED, as a Ctrl-C leaves it) whose newest checkpoint
+    (step 6) was truncated: the rerun renames that checkpoint `.corrupt`, says so in one line,
+    and resumes from step 4 (on main's code: every worker attempt failed in load_checkpoint)."""
+    config = pico_trial(tmp_path, tinystories, steps=6, every=2)
+    env = train_env(ray_head, mlflow_uri)
+    first = run_cli(["train", "--config", str(config)], env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    client, run = only_run(mlflow_uri)
+    client.set_terminated(run.info.run_id, "KILLED")
+    checkpoints = sorted((tmp_path / "runs").glob("trial-*/checkpoint_*"))
+    assert len(checkpoints) == 3
+    states = checkpoints[-1] / "ckpt" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])
+    again = run_cli(["train", "--config", str(config)], env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (line,) = [ln for ln in again.stderr.splitlines() if "cannot be loaded" in ln]
+    assert checkpoints[-1].name in line and "resumed from step 4" in line
+    assert not checkpoints[-1].exists()
+    assert Path(f"{checkpoints[-1]}.corrupt", "ckpt", states.name).stat().st_size == 1000
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["ternarylm.resumed_from_step"] == "4"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
 import ternarylm
@@ -108,10 +108,12 @@ def ensure_experiment(name: str, uri: str) -> str:
 
 
 def find_run(uri: str, experiment_id: str, tag: str, value: str,
-             *conditions: str) -> Any | None:
-    """The newest run tagged `tag` = `value` that also meets every filter of `conditions`."""
+             *conditions: str, deleted: bool = False) -> Any | None:
+    """The newest run tagged `tag` = `value` that also meets every filter of `conditions`
+    (among the deleted runs when `deleted`)."""
     where = " and ".join([f"tags.`{tag}` = '{value}'", *conditions])
-    runs = client(uri).search_runs([experiment_id], filter_string=where,
+    view = ViewType.DELETED_ONLY if deleted else ViewType.ACTIVE_ONLY
+    runs = client(uri).search_runs([experiment_id], filter_string=where, run_view_type=view,
                                    order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
@@ -173,6 +175,9 @@ STOPPED_EARLY_TAG = "ternarylm.stopped_early"
 """On a run an early-stopping scheduler (ASHA) ended: its result was ruled on (cleared when it
 resumes)."""
 
+DISK_FULL_TAG = "ternarylm.disk_full"
+"""On a trial's run whose workers stopped on a full disk: where, and the space needed (the driver
+fails the run with it; cleared when it resumes)."""
 UNFINISHED_TAG = "ternarylm.unfinished"
 """On a study's run that was interrupted: the trials left unfinished (cleared when it resumes)."""
 
@@ -180,7 +185,7 @@ UNFINISHED_TAG = "ternarylm.unfinished"
 def resume_run(uri: str, run_id: str) -> None:
     c = client(uri)
     tags = c.get_run(run_id).data.tags
-    for stale in (FAILURE_TAG, STOPPED_EARLY_TAG, UNFINISHED_TAG):  # an earlier ending's marks
+    for stale in (FAILURE_TAG, STOPPED_EARLY_TAG, UNFINISHED_TAG, DISK_FULL_TAG):  # an earlier ending's marks
         if stale in tags:
             c.delete_tag(run_id, stale)
     c.update_run(run_id, status="RUNNING")

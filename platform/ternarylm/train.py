@@ -11,13 +11,16 @@ Under ZeRO-3 every read of the weights happens inside a gather of the partitione
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -134,15 +137,13 @@ def run_worker(payload: dict[str, Any]) -> None:
     data = prepare_data(cfg.data)
     engine, formats = build_engine(cfg, data.vocab_size, device, bf16)
 
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            _, client_state = engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
-        step = client_state["step"]
+    step, quarantined = resume(engine, ray.train.get_checkpoint())
 
     log = tracking.MlflowTracker(runtime.tracking_uri, runtime.run_id, rank == 0, M.TRAIN_LOSS)
     log.set_tags({ZERO_STAGE_TAG: zero_stage(cfg, bf16)})  # may differ from train.zero_stage
+    if quarantined:
+        log.set_tags({QUARANTINED_TAG: f"{'; '.join(quarantined)}; resumed from "
+                                       f"{f'step {step}' if step else 'the start'}"})
     if step:
         log.set_tags({"ternarylm.resumed_from_step": step})
     loop = _Loop(cfg, engine, data, formats, rank, world, device, log)
@@ -150,6 +151,66 @@ def run_worker(payload: dict[str, Any]) -> None:
     if runtime.launched_at is not None:  # same clock on one machine; NTP-close across nodes
         launch[M.WORKER_START_S] = max(0.0, entered_at - runtime.launched_at)
     loop.run(step, launch)
+
+
+def resume(engine, checkpoint) -> tuple[int, list[str]]:
+    """Load the newest checkpoint that is whole into `engine`, from Ray Train's latest back
+    through the older ones beside it; returns its step (0 when none is) and a line per
+    checkpoint found broken, which is renamed `<name>.corrupt` (kept for a look, never
+    tried again). Ray Train would otherwise hand the broken one to every restarted worker."""
+    broken = []
+    for candidate in _checkpoints_newest_first(checkpoint):
+        with candidate.as_directory() as d:
+            problem = _unreadable(Path(d))
+            if problem is None:
+                _, client_state = engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
+                return client_state["step"], broken
+        target = f"{candidate.path}{CORRUPT_SUFFIX}"
+        with contextlib.suppress(OSError):  # another rank renamed it first
+            candidate.filesystem.move(candidate.path, target)
+        broken.append(f"checkpoint {candidate.path} cannot be loaded ({problem}): renamed to "
+                      f"{Path(target).name}")
+    return 0, broken
+
+
+CORRUPT_SUFFIX = ".corrupt"
+QUARANTINED_TAG = "ternarylm.checkpoint_quarantined"
+"""On a run whose newest checkpoint(s) could not be loaded: which, and where it resumed."""
+
+
+def _checkpoints_newest_first(checkpoint) -> list:
+    """Ray Train's latest checkpoint, then the older ones of the same run (its folder's other
+    `checkpoint_<time>` entries, named so that they sort by time), newest first."""
+    import pyarrow.fs
+    import ray.train
+
+    if checkpoint is None:
+        return []
+    fs, newest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent, name = newest.rsplit("/", 1)
+    older = sorted((info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(parent))
+                    if info.type == pyarrow.fs.FileType.Directory
+                    and info.base_name.startswith("checkpoint_")
+                    and not info.base_name.endswith(CORRUPT_SUFFIX)
+                    and info.base_name < name), reverse=True)
+    return [checkpoint, *(ray.train.Checkpoint(path, filesystem=fs) for path in older)]
+
+
+def _unreadable(directory: Path) -> str | None:
+    """Why a DeepSpeed checkpoint folder cannot be loaded (None when every file of its tag is
+    a whole torch archive): a truncated or overwritten file fails its zip directory or a CRC."""
+    files = sorted((directory / CHECKPOINT_TAG).glob("*.pt"))
+    if not files:
+        return f"no {CHECKPOINT_TAG}/*.pt files"
+    for f in files:
+        try:
+            with zipfile.ZipFile(f) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"{f.name}: {e}"
+        if bad is not None:
+            return f"{f.name}: {bad} fails its checksum"
+    return None
 
 
 class _Loop:
@@ -192,7 +253,8 @@ class _Loop:
             self.log.log(step, {k: v for k, v in metrics.items() if k != "step"})
             if step % t.checkpoint_every == 0 or step == t.steps:
                 self.log.flush()  # before the checkpoint: a resume never leaves a gap
-                self._checkpoint(step, metrics)
+                if not self._checkpoint(step, metrics):
+                    return
             elif M.VAL_LOSS in metrics:  # Tune schedulers rank trials by it
                 ray.train.report(metrics)
         self._finish(t.steps)
@@ -303,13 +365,35 @@ class _Loop:
             m[M.LEARNED_DRIFT] = sum(r["scale_mean"] / r["scale_initial"] for r in learned) / len(learned)
         return m
 
-    def _checkpoint(self, step: int, metrics: dict[str, float]) -> None:
+    def _checkpoint(self, step: int, metrics: dict[str, float]) -> bool:
+        """Save and report a checkpoint; False when a disk is full (the run then tagged)."""
         import ray.train
 
         with tempfile.TemporaryDirectory() as d:
-            # A collective: every rank writes its shard, then every rank reports its directory.
-            self.engine.save_checkpoint(d, tag=CHECKPOINT_TAG, client_state={"step": step})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            where = d
+            try:
+                # A collective: every rank writes its shard, then every rank reports its folder.
+                self.engine.save_checkpoint(d, tag=CHECKPOINT_TAG, client_state={"step": step})
+                where = ray.train.get_context().get_storage().experiment_fs_path
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            except OSError as e:
+                if not disk_full(e):
+                    raise
+                self._disk_full(step, where, _folder_bytes(Path(d)))
+                return False
+        return True
+
+    def _disk_full(self, step: int, where: str, needed: int) -> None:
+        """Tag the run (the driver fails it with this reason) and end the workers: Ray Train
+        would restart them on a disk that stays full."""
+        import ray.train
+
+        free = shutil.disk_usage(where).free if os.path.isdir(where) else None  # not s3://...
+        room = f", {free / 2**20:.1f} MiB free" if free is not None else ""
+        self.log.set_tags({tracking.DISK_FULL_TAG: (
+            f"no space left on device at {where} for the step-{step} checkpoint (it needs "
+            f"{needed / 2**20:.1f} MiB{room})")})
+        ray.train.report({"step": step, "disk_full": 1.0})
 
     def _diverged(self, step: int, loss: float) -> None:
         import ray.train
@@ -333,6 +417,15 @@ class _Loop:
         self.log.log_artifact(packed.path, PACKED_ARTIFACT_PATH)
         resident = tensor_bytes(load_packed(packed.path).model)
         return {M.PACKED_BYTES: packed.path.stat().st_size, M.PACKED_RESIDENT: resident}
+
+
+def disk_full(error: OSError) -> bool:
+    """Whether an OSError is a full disk (pyarrow's copies carry the errno only in the text)."""
+    return error.errno == errno.ENOSPC or "No space left on device" in str(error)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def _peak_rss_bytes() -> int:

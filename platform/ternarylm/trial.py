@@ -24,7 +24,7 @@ from ternarylm.config import TrialConfig
 from ternarylm.data import prepare_data
 from ternarylm.errors import Fault
 from ternarylm.identity import NUMERICS_VERSIONS
-from ternarylm.train import DIVERGED_TAG
+from ternarylm.train import DIVERGED_TAG, QUARANTINED_TAG
 from ternarylm.worker import TrialRuntime, payload, train_worker
 
 
@@ -72,6 +72,12 @@ def open_run(cfg: TrialConfig, uri: str, parent_run_id: str | None,
     if run is not None:
         tracking.resume_run(uri, run.info.run_id)
         return run.info.run_id, None
+    deleted = tracking.find_run(uri, experiment_id, tracking.TRIAL_KEY_TAG, cfg.key(),
+                                deleted=True)
+    if deleted is not None:  # its checkpoints belong to that run: training starts over
+        print(f"ternarylm: trial {cfg.run_name}: its earlier MLflow run {deleted.info.run_id} "
+              f"({deleted.info.status} when deleted) was deleted; training it again from the "
+              f"start under a new run", file=sys.stderr, flush=True)
     tags = {tracking.TRIAL_KEY_TAG: cfg.key(),
             tracking.NUMERICS_VERSION_TAG: str(NUMERICS_VERSIONS["trial"]),
             "ternarylm.size": cfg.size,
@@ -125,6 +131,7 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
     # Set before the trainer is built: its payload is the runtime pickled (`worker.payload`).
     runtime = TrialRuntime(uri, run_id, launched_at=time.time())
     trainer = build_trainer(cfg, runtime, callbacks)
+    quarantined = tracking.client(uri).get_run(run_id).data.tags.get(QUARANTINED_TAG)
     try:
         # Inside a study's Tune actor the cluster's loss ends the actor; watch only as a CLI.
         watch = address if parent_run_id is None else None
@@ -137,6 +144,15 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
                           f"the same command again to resume from its last checkpoint") from e
     t2 = time.perf_counter()
     run = tracking.client(uri).get_run(run_id)
+    if run.data.tags.get(QUARANTINED_TAG, quarantined) != quarantined:  # said by this launch
+        print(f"ternarylm: trial {cfg.run_name}: {run.data.tags[QUARANTINED_TAG]}",
+              file=sys.stderr, flush=True)
+    full = run.data.tags.get(tracking.DISK_FULL_TAG)
+    if full:
+        tracking.end_run(uri, run_id, "FAILED", full)
+        raise TrialFailed(f"trial {cfg.run_name}: {full}; free space there (or choose another "
+                          f"storage_path) and run the same command again to resume from its "
+                          f"last checkpoint")
     diverged = run.data.tags.get(DIVERGED_TAG)
     if diverged:
         tracking.end_run(uri, run_id, "FAILED", f"diverged: {diverged}")
