@@ -3,6 +3,7 @@ refused before anything starts, each with a clear message."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -405,3 +406,99 @@ def test_a_corrupt_newest_checkpoint_is_quarantined_and_the_trial_resumes(
     assert Path(f"{checkpoints[-1]}.corrupt", "ckpt", states.name).stat().st_size == 1000
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["ternarylm.resumed_from_step"] == "4"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (root only) as checkpoint storage; `grow()` gives it room after."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a full disk needs a small tmpfs, and mounting one needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+
+    def grow() -> None:
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+
+    try:
+        yield disk, grow
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_trial_in_one_line_and_the_rerun_resumes(
+        tmp_path, tinystories, ray_head, mlflow_uri, small_disk):
+    """Checkpoints of a pico trial fill a 3 MiB disk: one line naming the folder and the space
+    a checkpoint needs, exit status 1, the run FAILED with that reason, and no worker retry
+    (max_failures 2: a retry would have resumed); with room made, the same command resumes
+    from the last checkpoint that fit (on main's code: 3 worker attempts and tracebacks)."""
+    disk, grow = small_disk
+    config = pico_trial(tmp_path, tinystories, steps=24, every=2, max_failures=2,
+                        storage_path=str(disk))
+    env = train_env(ray_head, mlflow_uri)
+    full = run_cli(["train", "--config", str(config)], env)
+    assert_fault_line(full, f"no space left on device at {disk}/trial-", "free space there")
+    assert "for the step-" in full.stderr and "MiB free" in full.stderr
+    client, run = only_run(mlflow_uri)
+    assert run.info.status == "FAILED" and "no space left" in run.data.tags["ternarylm.failure"]
+    assert "ternarylm.resumed_from_step" not in run.data.tags
+    grow()
+    again = run_cli(["train", "--config", str(config)], env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and "ternarylm.disk_full" not in run.data.tags
+    assert int(run.data.tags["ternarylm.resumed_from_step"]) >= 2
+
+
+def test_a_deleted_run_of_a_half_finished_trial_is_said_and_trained_again(tmp_path, mlflow_uri,
+                                                                          capsys):
+    """The trial's unfinished run was deleted in MLflow: opening the trial again says so in one
+    line and starts a new run (on main's code: a new run, silently)."""
+    from ternarylm.trial import open_run
+
+    cfg = TrialConfig.from_dict(with_(TRIAL, data__source=str(tmp_path / "corpus.txt")))
+    first, _ = open_run(cfg, mlflow_uri, None)
+    MlflowClient(mlflow_uri).delete_run(first)
+    capsys.readouterr()
+    again, finished = open_run(cfg, mlflow_uri, None)
+    assert again != first and finished is None
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"its earlier MLflow run {first} (RUNNING when deleted) was deleted" in line
+    assert line.endswith("training it again from the start under a new run")
+
+
+@pytest.mark.slow
+def test_ray_processes_of_a_killed_driver_are_stopped_by_the_next_command(
+        tmp_path, tinystories, mlflow_uri, isolated_home):
+    """A `ternarylm train` on a local cluster of its own, SIGKILLed mid-trial, leaves that
+    cluster running; the same command again stops those processes (by the ids its driver
+    recorded), says so in one line, and resumes the trial (on main's code nothing recorded
+    them, and they were still running)."""
+    config = pico_trial(tmp_path, tinystories, steps=200, every=20)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(["ternarylm", "train", "--config", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(mlflow_uri, 20, proc, timeout=400)
+    record = json.loads((isolated_home / "ray-sessions" / f"{proc.pid}.json").read_text())
+    proc.kill()
+    proc.communicate(timeout=60)
+    time.sleep(2)
+
+    def alive() -> list[int]:
+        found = []
+        for pid, started in record["processes"]:
+            with contextlib.suppress(psutil.Error):
+                if psutil.Process(pid).create_time() == started:
+                    found.append(pid)
+        return found
+
+    assert alive(), "the killed driver's cluster stopped by itself"
+    again = run_cli(["train", "--config", str(config)], env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Ray processes left by driver {proc.pid}, which was killed" in again.stderr
+    assert alive() == []
+    assert only_run(mlflow_uri)[1].info.status == "FINISHED"

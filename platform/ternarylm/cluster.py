@@ -4,6 +4,7 @@ its capacity, and the checkpoint storage its nodes share."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -69,6 +70,7 @@ def connect_ray(address: str | None) -> str | None:
 
     if ray.is_initialized():
         return None
+    stop_orphaned_sessions()
     # Errors on the console stay one line; the console shows our progress, not Ray's stream.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": verbose()}
     try:
@@ -87,10 +89,81 @@ def connect_ray(address: str | None) -> str | None:
         raise ClusterError(f"{where} ({one_line(e)[:300]}); nothing was trained: run the same "
                            f"command again (on a loaded machine, once it is quieter, or start a "
                            f"cluster with `ray start --head`)") from e
+    if address is None:
+        record_session()
     if not verbose():
         print(f"worker logs: {session_logs()} (on each node; a study keeps this node's with its "
               f"MLflow run, artifact logs/; --verbose shows them here)", flush=True)
     return address
+
+
+def _sessions() -> Path:
+    """Where drivers record the local Ray clusters they start (`record_session`)."""
+    return ternarylm_home() / "ray-sessions"
+
+
+def _identity(p) -> list:
+    """A process as recorded: its id and start time (an id alone may be reused)."""
+    return [p.pid, p.create_time()]
+
+
+def record_session() -> None:
+    """Record the processes of the local Ray cluster this driver just started, by id and start
+    time, and remove the record at a normal exit (Ray stops them then). A driver killed with
+    SIGKILL leaves its cluster running; the next driver finds the record and stops them
+    (`stop_orphaned_sessions`)."""
+    import atexit
+
+    import psutil
+    import ray
+
+    node = ray._private.worker._global_node
+    procs = [psutil.Process(info.process.pid) for infos in node.all_processes.values()
+             for info in infos if info.process is not None]
+    with contextlib.suppress(psutil.Error):  # a process that ended already needs no stopping
+        procs += [c for p in procs for c in p.children(recursive=True)]
+    record = _sessions() / f"{os.getpid()}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"driver": _identity(psutil.Process()),
+                                  "session_dir": node.get_session_dir_path(),
+                                  "processes": [_identity(p) for p in procs]}))
+    atexit.register(record.unlink, missing_ok=True)
+
+
+def stop_orphaned_sessions() -> None:
+    """Stop the local Ray clusters of drivers that died without stopping them (SIGKILL): the
+    recorded processes that still run with their recorded start time, and what they started
+    since; one line says how many. Records of live drivers are left alone."""
+    import psutil
+
+    for record in sorted(_sessions().glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            seen = json.loads(record.read_text())
+            if _running(seen["driver"]) is not None:
+                continue
+            procs = [p for p in map(_running, seen["processes"]) if p is not None]
+            with contextlib.suppress(psutil.Error):
+                procs += [c for p in procs for c in p.children(recursive=True)]
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            psutil.wait_procs(procs, timeout=10)
+            record.unlink()
+            if procs:
+                print(f"ternarylm: stopped {len(procs)} Ray processes left by driver "
+                      f"{seen['driver'][0]}, which was killed (session "
+                      f"{seen['session_dir']})", file=sys.stderr, flush=True)
+
+
+def _running(identity: list):
+    """The process recorded as `identity` if it still runs (same id, same start time)."""
+    import psutil
+
+    try:
+        p = psutil.Process(identity[0])
+        return p if p.create_time() == identity[1] and p.status() != psutil.STATUS_ZOMBIE else None
+    except psutil.Error:
+        return None
 
 
 def session_logs() -> Path:
