@@ -147,17 +147,7 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
     if run.data.tags.get(QUARANTINED_TAG, quarantined) != quarantined:  # said by this launch
         print(f"ternarylm: trial {cfg.run_name}: {run.data.tags[QUARANTINED_TAG]}",
               file=sys.stderr, flush=True)
-    full = run.data.tags.get(tracking.DISK_FULL_TAG)
-    if full:
-        tracking.end_run(uri, run_id, "FAILED", full)
-        raise TrialFailed(f"trial {cfg.run_name}: {full}; free space there (or choose another "
-                          f"storage_path) and run the same command again to resume from its "
-                          f"last checkpoint")
-    diverged = run.data.tags.get(DIVERGED_TAG)
-    if diverged:
-        tracking.end_run(uri, run_id, "FAILED", f"diverged: {diverged}")
-        raise TrialFailed(f"trial {cfg.run_name} diverged: {diverged}; lower train.lr or "
-                          f"raise train.warmup_steps, or clip harder (train.grad_clip)")
+    check_ending(uri, run, cfg.run_name)
     finish_run(uri, run_id, cfg, run.data.metrics)
     seconds = {M.SETUP_S: t1 - t0, M.FIT_S: t2 - t1, M.FINISH_S: time.perf_counter() - t2}
     loop = (result.metrics or {}).get(M.TRAIN_LOOP_S)
@@ -167,6 +157,23 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
     return TrialResult(run_id, cfg.key(), "FINISHED",
                        M.finals(tracking.client(uri).get_run(run_id).data.metrics),
                        seconds=seconds)
+
+
+def check_ending(uri: str, run, name: str) -> None:
+    """Fail the run (and raise TrialFailed) when its workers ended early and tagged why: a
+    full disk, or a loss that diverged (Ray Train keeps only checkpointed reports)."""
+    run_id = run.info.run_id
+    full = run.data.tags.get(tracking.DISK_FULL_TAG)
+    if full:
+        tracking.end_run(uri, run_id, "FAILED", full)
+        raise TrialFailed(f"trial {name}: {full}; free space there (or choose another "
+                          f"storage_path) and run the same command again to resume from its "
+                          f"last checkpoint")
+    diverged = run.data.tags.get(DIVERGED_TAG)
+    if diverged:
+        tracking.end_run(uri, run_id, "FAILED", f"diverged: {diverged}")
+        raise TrialFailed(f"trial {name} diverged: {diverged}; lower train.lr or "
+                          f"raise train.warmup_steps, or clip harder (train.grad_clip)")
 
 
 def finish_run(uri: str, run_id: str, cfg: TrialConfig, latest: dict[str, float]) -> None:
