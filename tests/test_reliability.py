@@ -341,7 +341,7 @@ def test_ctrl_c_mid_study_is_no_success_and_a_second_copy_is_refused(tmp_path, t
     command = [sys.executable, str(REPO / "studies" / "scaling.py"), "--config", str(config),
                "--json"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=True)  # its own group, as in a shell
     wait_for_runs(uri, proc, trial_runs)
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 1, second.stderr[-3000:]
@@ -349,7 +349,7 @@ def test_ctrl_c_mid_study_is_no_success_and_a_second_copy_is_refused(tmp_path, t
     assert len(lines) == 1 and "study ctrlc is already running (pid" in lines[0], lines
     wait_for_runs(uri, proc, lambda runs: len(trial_runs(runs)) == 2
                   and {r.info.status for r in trial_runs(runs)} == {"FINISHED", "RUNNING"})
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to every process of the foreground group
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
     assert "Tuner.restore" not in err

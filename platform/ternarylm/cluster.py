@@ -413,5 +413,8 @@ def check_storage(path: str) -> None:
 
 
 if __name__ == "__main__":  # the watcher process of `cluster_watch`
+    # A Ctrl-C reaches the whole foreground group: the driver ends this watcher itself, and
+    # a traceback from here would follow the driver's last line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _address, _pid, _uri, _run_id, _what, _every, _misses = sys.argv[1:]
     _watch(_address, int(_pid), _uri, _run_id, _what, float(_every), int(_misses))
