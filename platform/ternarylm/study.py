@@ -38,13 +38,11 @@ from ternarylm.cluster import (DRIVER_RESOURCE, check_capacity, check_storage, c
                                connect_ray, keep_worker_logs, ray_address, verbose)
 from ternarylm.cluster import storage_path as trial_storage_path
 from ternarylm.errors import Fault, Interrupted
-from ternarylm.trial import last_line, run_trial
+from ternarylm.trial import INTERRUPTED, last_line, run_trial
 
 STUDY_TAG = "ternarylm.study"
 STOPPED_EARLY = "stopped early by the scheduler"
 """Why a trial's run ended KILLED when the scheduler (ASHA) stopped it."""
-INTERRUPTED = "interrupted (Ctrl-C) before it finished; run the same command again to resume"
-"""Why a trial's run ended KILLED when the study was interrupted."""
 
 
 @dataclass

@@ -28,6 +28,10 @@ from ternarylm.train import DIVERGED_TAG, QUARANTINED_TAG
 from ternarylm.worker import TrialRuntime, payload, train_worker
 
 
+INTERRUPTED = "interrupted (Ctrl-C) before it finished; run the same command again to resume"
+"""Why a trial's run ended KILLED when its driver (or its study's) was interrupted."""
+
+
 class TrialFailed(Fault):
     """The trial ended without a final model (diverged, or its workers kept failing)."""
 
@@ -137,6 +141,9 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
         watch = address if parent_run_id is None else None
         with cluster_watch(watch, uri, run_id, f"trial {cfg.run_name}"):
             result = trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C: the run says it is not done; the CLI says what to do
+        tracking.end_run(uri, run_id, "KILLED", INTERRUPTED)
+        raise
     except Exception as e:
         cause = last_line(e)
         tracking.end_run(uri, run_id, "FAILED", f"training failed: {cause}")
