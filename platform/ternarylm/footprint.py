@@ -20,7 +20,6 @@ import gc
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,11 +63,8 @@ def ternary_ratio(path: Path) -> float:
 
 
 def _child(args: list[str]) -> dict:
-    # A neutral working directory: `-m` puts it first on sys.path, and a checkout's
-    # benchmarks/tokenize.py would shadow the standard library there.
-    with tempfile.TemporaryDirectory() as cwd:
-        out = subprocess.run([sys.executable, "-m", "ternarylm.footprint", *args], cwd=cwd,
-                             capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ternarylm.footprint", *args],
+                         capture_output=True, text=True)
     if out.returncode:
         last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
         raise RuntimeError(f"footprint measurement {' '.join(args)} failed: {last}")
