@@ -73,11 +73,6 @@ class EvalModel:
     description: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _run_id_of(source: str) -> str | None:
-    """`source` itself when it is not a local path (load_trained accepted it as a run id)."""
-    return None if Path(source).exists() else source
-
-
 def _logged_packed_file(run_id: str) -> Path | None:
     """The packed file `ternarylm pack RUN_ID` logged to the run (under packed/), if any."""
     import mlflow
@@ -101,7 +96,7 @@ def load_eval_model(source: str | Path, packed: bool = False, embedding_dtype: s
     when `source` is a packed file): a run's logged packed file (`ternarylm pack RUN_ID`), else
     the run or directory packed on the fly to a temporary file, floating-point layers in
     `embedding_dtype` (`ternarylm pack`'s default int8; fp32 keeps logits as trained)."""
-    from ternarylm.artifacts import load_trained
+    from ternarylm.artifacts import load_trained, run_id_of
     from ternarylm.inference import load_packed
     from ternarylm.packing import pack_model
 
@@ -112,7 +107,7 @@ def load_eval_model(source: str | Path, packed: bool = False, embedding_dtype: s
         # A file packed from a run names it; one packed from a directory has no run to log to.
         run = prov if re.fullmatch(r"[0-9a-f]{32}", prov) else None
         return _from_packed(pm, source, run)
-    run = _run_id_of(source)
+    run = run_id_of(source)
     logged = _logged_packed_file(source) if packed and run is not None else None
     if logged is not None:
         out = _from_packed(load_packed(logged), source, run)
@@ -127,7 +122,7 @@ def load_eval_model(source: str | Path, packed: bool = False, embedding_dtype: s
             return model(idx.to(device)).float().cpu()
 
         return EvalModel(forward, trained.tokenizer, trained.eos_id, cfg.seq_len, None, trained,
-                         _run_id_of(source), {"source": source, "weights": "latent",
+                         run_id_of(source), {"source": source, "weights": "latent",
                                               "scheme": trained.trial.scheme,
                                               "plan": trained.trial.plan.name,
                                               "size": trained.trial.size})
@@ -137,7 +132,7 @@ def load_eval_model(source: str | Path, packed: bool = False, embedding_dtype: s
                    embedding_dtype=embedding_dtype,
                    provenance={"source": source, "scheme": trained.trial.scheme})
         pm = load_packed(path)
-    out = _from_packed(pm, source, _run_id_of(source))
+    out = _from_packed(pm, source, run_id_of(source))
     out.description |= {"scheme": trained.trial.scheme, "plan": trained.trial.plan.name,
                         "size": trained.trial.size, "embedding_dtype": embedding_dtype}
     return out

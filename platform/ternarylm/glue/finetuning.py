@@ -353,9 +353,10 @@ def run_glue(source: str, task: str, settings: GlueSettings | None = None,
     """`ternarylm glue`: a trained-model directory is fine-tuned without MLflow (run_id None);
     anything else is taken as a pretraining run id and goes through finetune_and_log."""
     settings = settings or GlueSettings()
-    if not Path(source).is_dir():
+    from ternarylm.artifacts import load_trained, run_id_of
+
+    if run_id_of(source) is not None:
         return finetune_and_log(source, task, settings, data_dir, force=force)
-    from ternarylm.artifacts import load_trained
 
     spec = task_spec(task)
     data = resolve_data_dir(data_dir)
