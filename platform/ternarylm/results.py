@@ -32,7 +32,7 @@ def collect(trials: list[TrialConfig], uri: str) -> list[dict[str, Any]]:
     for t in trials:
         run = tracking.find_trial_run(uri, t.experiment, t.key())
         finals = M.finals(run.data.metrics) if run else {}
-        shape = t.model_config(vocab_size=256)  # block parameters do not depend on it
+        shape = t.shape
         row = {"name": t.run_name, "size": t.size, "plan": t.plan.name, "recipe": t.recipe,
                "seed": t.seed, "lr": t.train.lr,
                "scheme": t.scheme if has_ternary_layers(shape, t.plan) else "-",
