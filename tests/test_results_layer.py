@@ -14,7 +14,7 @@ import torch
 
 from ternarylm import metrics as M
 from ternarylm import tracking
-from ternarylm.analysis import describe
+from ternarylm.footprint import describe
 from ternarylm.artifacts import save_trained
 from ternarylm.config import RUN_ONLY, TrainConfig, TrialConfig
 from ternarylm.data import DataConfig, build_tokenizer, eos_id, prepare_data

@@ -15,7 +15,7 @@ from ternarylm.plans import PRESETS
 
 
 def _describe(args: argparse.Namespace) -> None:
-    from ternarylm.analysis import describe
+    from ternarylm.footprint import describe
     from ternarylm.model import model_config
     from ternarylm.plans import preset
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,9 @@ from ternarylm.optim import TrainSchedule, param_groups
 from ternarylm.packing import PACKED_ARTIFACT_PATH, pack_model, provenance
 from ternarylm.plans import apply_plan
 from ternarylm.quantizers import TERNARY_SCHEMES
-from ternarylm.worker import TrialRuntime
+
+if TYPE_CHECKING:  # the worker entry point calls this module, never the other way
+    from ternarylm.worker import TrialRuntime
 
 CHECKPOINT_TAG = "ckpt"
 DIVERGED_TAG = "ternarylm.diverged"
