@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ternarylm import fit as fit_module
+from ternarylm.cli import main
 from ternarylm.fit import (
     FitError,
     ScalingFit,
@@ -147,6 +148,13 @@ def test_fit_csv_n_only(tmp_path: Path) -> None:
     fit = fit_csv(path, n_boot=0)
     assert fit.form == "L(N)"
     assert fit.params == fit_scaling_law(N, loss, n_boot=0).params
+
+
+def test_cli_says_how_the_intervals_were_made(tmp_path: Path, capsys) -> None:
+    N, loss = seeded_data(4, 3, 0)
+    path = write_csv(tmp_path / "n.csv", "N,loss", [f"{n},{l}" for n, l in zip(N, loss)])
+    assert main(["fit", str(path), "--bootstrap", "10"]) == 0
+    assert "95% CIs: seeds bootstrap" in capsys.readouterr().out
 
 
 def test_fit_csv_n_d(tmp_path: Path) -> None:
