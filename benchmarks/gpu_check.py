@@ -22,16 +22,13 @@ PYTHONPATH, not installed.
 import os
 import sys
 
-# benchmarks/tokenize.py shadows the stdlib module `tokenize`: drop this folder from the path.
-sys.path = [p for p in sys.path
-            if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -174,7 +174,7 @@ def test_engine_zero_stage(workers, stage, bf16, runs):
 # A one-rank gloo group as `benchmarks/train_step.py` sets it up, then a worker's engine.
 ENGINE_SCRIPT = """
 import sys
-sys.path.append(sys.argv[1])  # appended: benchmarks/tokenize.py must not shadow the stdlib's
+sys.path.append(sys.argv[1])  # benchmarks/, for train_step's process-group helper
 import torch
 from train_step import init_single_process_group
 from ternarylm.config import TrialConfig

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ternarylm.model import ModelConfig, TernaryLM
-from ternarylm.plans import PrecisionPlan, apply_plan
+from ternarylm.model import ModelConfig
+from ternarylm.plans import PrecisionPlan
 from ternarylm.quantizers import TERNARY_SCHEMES, QuantEmbedding, QuantLinear
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -58,38 +58,6 @@ def block_sparsity(rows: list[dict[str, Any]]) -> dict[int, float]:
         zeros[r["block"]] = zeros.get(r["block"], 0.0) + r["zero_fraction"] * r["numel"]
         total[r["block"]] = total.get(r["block"], 0) + r["numel"]
     return {b: zeros[b] / total[b] for b in sorted(total)}
-
-
-def describe(cfg: ModelConfig, plan: PrecisionPlan, scheme: str) -> dict[str, Any]:
-    """Parameter counts, FLOPs and memory of a model under a plan, built on the meta device.
-
-    `packed_bytes` is the size of the file `ternarylm pack` writes with its default options
-    (int8 embedding and head where training kept them in floating point), sized by the code
-    that writes it; the real file adds its tokenizer's JSON and the trial's provenance.
-    """
-    from ternarylm.packing import packed_contents, packed_size
-
-    with torch.device("meta"):
-        model = TernaryLM(cfg)
-        formats = apply_plan(model, plan, scheme, cfg.n_layers)
-    counts = cfg.param_counts()
-    ternary = sum(model.get_submodule(n).weight.numel() for n, f in formats.items()
-                  if f in TERNARY_SCHEMES)
-    packed = packed_size(*packed_contents(model, "", 0))
-    fp32 = 4 * sum(p.numel() for p in model.parameters())
-    return {
-        **counts,
-        "ternary_weights": ternary,
-        "flops_per_token": cfg.flops_per_token(),
-        "fp32_bytes": fp32,
-        "packed_bytes": packed,
-        "packed_assumes": "ternarylm pack defaults (int8 embedding and head where the plan "
-                          "keeps them in fp, 2-bit ternary codes); without the tokenizer JSON "
-                          "and provenance a real file also holds",
-        "compression": fp32 / packed,
-        "formats": dict(sorted({f: sum(1 for v in formats.values() if v == f)
-                                for f in set(formats.values())}.items())),
-    }
 
 
 def has_ternary_layers(cfg: ModelConfig, plan: PrecisionPlan) -> bool:

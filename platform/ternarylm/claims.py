@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from ternarylm import tables
 from ternarylm.config import ConfigError, _build, load_yaml
 from ternarylm.model import model_config
 
@@ -884,10 +885,6 @@ REPORT_COLUMNS = ("claim", "paper's figure", "figure here (interval, scale)", "v
                   "how measured")
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "/").replace("\n", " ")
-
-
 def to_decide(f: Finding) -> str:
     """What would decide a cannot-tell: its seeds (and their cost, once attached) or its scale."""
     if f.verdict != CANNOT_TELL:
@@ -898,12 +895,10 @@ def to_decide(f: Finding) -> str:
 def report(findings: list[Finding], title: str) -> tuple[str, dict[str, Any]]:
     """claims.md and the same as JSON: one row per claim, the reasons, and the verdict rules."""
     findings = sorted(findings, key=lambda f: f.claim)
-    lines = [f"# {title}", "", "| " + " | ".join(REPORT_COLUMNS) + " |",
-             "|" + "---|" * len(REPORT_COLUMNS)]
-    for f in findings:
-        c = CLAIMS[f.claim]
-        lines.append("| " + " | ".join(_cell(x) for x in (
-            f"{c.id}. {c.text}", c.paper_figure, f.figure, f"**{f.verdict}**", c.how)) + " |")
+    rows = [dict(zip(REPORT_COLUMNS, (f"{c.id}. {c.text}", c.paper_figure, f.figure,
+                                      f"**{f.verdict}**", c.how)))
+            for f in findings for c in [CLAIMS[f.claim]]]
+    lines = [f"# {title}", "", tables.markdown(rows, REPORT_COLUMNS).rstrip("\n")]
     lines += ["", "## Why each verdict, and what would decide a cannot tell", ""]
     lines += [f"{f.claim}. {CLAIMS[f.claim].title}: {f.verdict} ({f.reason})"
               + (f". To decide it: {what}" if (what := to_decide(f)) else "") for f in findings]

@@ -198,14 +198,14 @@ class _Source:
 
 
 def _load(source: str | Path) -> _Source:
-    from ternarylm.artifacts import load_trained
+    from ternarylm.artifacts import load_trained, run_id_of
 
     trained = load_trained(source)
     run = None
-    if not Path(source).is_dir():  # load_trained accepted it, so it is a run id
+    if (run_id := run_id_of(source)) is not None:
         from ternarylm import tracking
 
-        run = tracking.client().get_run(str(source))
+        run = tracking.client().get_run(run_id)
     return _Source(trained, str(source), run)
 
 

@@ -115,7 +115,11 @@ STUDY_STOPPED = _declare("study/trials_stopped_early", "trials", "trials stopped
 
 # GLUE fine-tuning child runs.
 GLUE_TRAIN_LOSS = TRAIN_LOSS
-GLUE_DEV_PREFIX, GLUE_BASELINE_PREFIX = "dev/", "baseline/"
+GLUE_DEV_PREFIX, GLUE_BASELINE_PREFIX, GLUE_DELTA_PREFIX = "dev/", "baseline/", "delta/"
+
+# lm-eval harness child runs: eval/<task>/<metric>[_<filter>] as the harness names them.
+EVAL_PREFIX = "eval/"
+EVAL_SECONDS = _declare("eval/seconds", "s", "wall time of one lm-eval harness run")
 
 _BLOCK_SPARSITY = "sparsity/block_{:02d}"
 _BLOCK_RE = re.compile(r"^sparsity/block_(\d+)$")
@@ -170,6 +174,16 @@ def glue_dev(name: str) -> str:
 
 def glue_baseline(name: str) -> str:
     return GLUE_BASELINE_PREFIX + name
+
+
+def glue_delta(name: str) -> str:
+    """Dev metric minus the majority baseline's."""
+    return GLUE_DELTA_PREFIX + name
+
+
+def lm_eval(task: str, name: str) -> str:
+    """One lm-eval harness result: its task and metric (with its filter), spaces as `_`."""
+    return f"{EVAL_PREFIX}{task}/{name}".replace(" ", "_")
 
 
 def study_best(metric: str, size: str, plan: str) -> str:

@@ -219,14 +219,14 @@ def pack(source: str, out: str | Path | None = None, *, embedding_dtype: str = "
 
     A run id's packed file is also logged to that run under `packed/`.
     """
-    from ternarylm.artifacts import load_trained
+    from ternarylm.artifacts import load_trained, run_id_of
 
     trained = load_trained(source)
     out = Path(out or f"{Path(source).name}.packed.safetensors")
     result = pack_model(trained.model, out, trained.tokenizer, trained.eos_id,
                         embedding_dtype=embedding_dtype, trits=trits,
                         provenance=provenance(trained.trial))
-    if not Path(source).is_dir():  # load_trained accepted it, so it is a run id
+    if run_id_of(source) is not None:
         from ternarylm import tracking  # imports mlflow: only when there is a run to log to
 
         tracking.log_artifact(tracking.tracking_uri(), source, out, PACKED_ARTIFACT_PATH)

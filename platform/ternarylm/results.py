@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ternarylm import metrics as M
-from ternarylm import frontier, plots, tracking
+from ternarylm import frontier, plots, tables, tracking
 from ternarylm.analysis import has_ternary_layers
 from ternarylm.config import TrialConfig
 from ternarylm.fit import FitError, compare_to_baseline, fit_scaling_law, holdout_check
@@ -32,7 +32,7 @@ def collect(trials: list[TrialConfig], uri: str) -> list[dict[str, Any]]:
     for t in trials:
         run = tracking.find_trial_run(uri, t.experiment, t.key())
         finals = M.finals(run.data.metrics) if run else {}
-        shape = t.model_config(vocab_size=256)  # block parameters do not depend on it
+        shape = t.shape
         row = {"name": t.run_name, "size": t.size, "plan": t.plan.name, "recipe": t.recipe,
                "seed": t.seed, "lr": t.train.lr,
                "scheme": t.scheme if has_ternary_layers(shape, t.plan) else "-",
@@ -97,20 +97,12 @@ def write_table(rows: list[dict[str, Any]], directory: Path) -> None:
     (directory / "results.md").write_text(markdown_table(rows))
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     recipe = ("recipe",) if any(r["recipe"] for r in rows) else ()  # a study over recipes
     # lr: the cell's peak rate (its lr search's choice, when the study searched).
     cols = ("size", *recipe, "scheme", "plan", "seed", "lr", "N", "D", "status", "val_loss",
             "val_ppl", "val_bpb", "train_val_ratio", "sparsity", "packed_bytes")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return tables.markdown(rows, cols)
 
 
 def time_line(rows: list[dict[str, Any]], trained: list[str]) -> str | None:
@@ -155,10 +147,8 @@ def log_parent_summary(uri: str, parent_run_id: str, rows: list[dict[str, Any]],
 
     now = int(time.time() * 1000)
     values = best_per_cell(rows) | fit_constants(fits)
-    items = [Metric(k, float(v), now, 0) for k, v in values.items()]
-    c = tracking.client(uri)
-    for i in range(0, len(items), 1000):
-        c.log_batch(parent_run_id, metrics=items[i:i + 1000])
+    tracking.log_metrics(uri, parent_run_id, [Metric(k, float(v), now, 0)
+                                              for k, v in values.items()])
 
 
 def report_lr_search(choices: list, parent_run_id: str, uri: str) -> dict[str, Any]:

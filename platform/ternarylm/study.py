@@ -176,7 +176,7 @@ class StudyConfig:
         axis = []
         for plan in self.plans:
             first = self._trial(size, self.seeds[0], {"scheme": self.schemes[0], "plan": plan})
-            ternary = has_ternary_layers(_shape(first), plan)
+            ternary = has_ternary_layers(first.shape, plan)
             for scheme in self.schemes if ternary else self.schemes[:1]:
                 label = f"{scheme if ternary else '-'}/{plan.name}"
                 axis.append((label, {"scheme": scheme, "plan": plan}))
@@ -210,11 +210,6 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
-
-
-def _shape(t: TrialConfig) -> ModelConfig:
-    """The trial's model shape where the vocabulary does not matter (block parameters, plans)."""
-    return t.model_config(vocab_size=256)
 
 
 def trial_vocab(t: TrialConfig) -> tuple[int, str]:

@@ -12,6 +12,8 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +31,7 @@ NUMERICS_VERSION_TAG = "ternarylm.numerics_version"
 on an experiment: the version whose stale-key notice was given."""
 PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
-_BATCH = 100  # MLflow's REST API caps a log_batch at 1,000 metrics and 100 params
+_PARAM_BATCH, _METRIC_BATCH = 100, 1000  # MLflow's REST API caps of one log_batch
 
 
 def quiet_mlflow() -> None:
@@ -198,13 +200,35 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", reason: str | None 
     c.set_terminated(run_id, status=status)
 
 
+@contextmanager
+def child_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
+              parent_run_id: str, step: str) -> Iterator[str]:
+    """A run nested under `parent_run_id` for one `step` on a trained model (a GLUE fine-tune,
+    an lm-eval run): FINISHED when the body returns; FAILED with the error, re-raised, when
+    it does not (Ctrl-C included), so a rerun never mistakes it for done."""
+    run_id = start_run(uri, experiment_id, run_name, tags, parent_run_id=parent_run_id)
+    try:
+        yield run_id
+    except BaseException as err:
+        end_run(uri, run_id, "FAILED", f"{step} failed: {err}")
+        raise
+    end_run(uri, run_id, "FINISHED")
+
+
+def log_metrics(uri: str, run_id: str, items: list[Metric]) -> None:
+    """Metrics in batches of the REST API's limit."""
+    c = client(uri)
+    for i in range(0, len(items), _METRIC_BATCH):
+        c.log_batch(run_id, metrics=items[i:i + _METRIC_BATCH])
+
+
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     """Log params once; a run resumed with the same config re-logs nothing."""
     c = client(uri)
     existing = c.get_run(run_id).data.params
     items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
-    for i in range(0, len(items), _BATCH):
-        c.log_batch(run_id, params=items[i:i + _BATCH])
+    for i in range(0, len(items), _PARAM_BATCH):
+        c.log_batch(run_id, params=items[i:i + _PARAM_BATCH])
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
@@ -256,9 +280,7 @@ class MlflowTracker:
     def flush(self) -> None:
         if not self.enabled or not self.buffer:
             return
-        c = client(self.uri)
-        for i in range(0, len(self.buffer), 1000):
-            c.log_batch(self.run_id, metrics=self.buffer[i:i + 1000])
+        log_metrics(self.uri, self.run_id, self.buffer)
         self.buffer = []
 
     def set_tags(self, tags: dict[str, Any]) -> None:

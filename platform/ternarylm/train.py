@@ -22,7 +22,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,9 @@ from ternarylm.optim import TrainSchedule, param_groups
 from ternarylm.packing import PACKED_ARTIFACT_PATH, pack_model, provenance
 from ternarylm.plans import apply_plan
 from ternarylm.quantizers import TERNARY_SCHEMES
-from ternarylm.worker import TrialRuntime
+
+if TYPE_CHECKING:  # the worker entry point calls this module, never the other way
+    from ternarylm.worker import TrialRuntime
 
 CHECKPOINT_TAG = "ckpt"
 DIVERGED_TAG = "ternarylm.diverged"
