@@ -386,16 +386,14 @@ class _Loop:
         return True
 
     def _disk_full(self, step: int, where: str, needed: int) -> None:
-        """Tag the run (the driver fails it with this reason) and end the workers: Ray Train
-        would restart them on a disk that stays full."""
-        import ray.train
-
+        """Tag the run (the driver fails it with this reason); the caller ends the workers
+        (Ray Train would restart failed ones on a disk that stays full). No report follows:
+        Ray Train orders reports, and would wait for the failed one for ever."""
         free = shutil.disk_usage(where).free if os.path.isdir(where) else None  # not s3://...
         room = f", {free / 2**20:.1f} MiB free" if free is not None else ""
         self.log.set_tags({tracking.DISK_FULL_TAG: (
             f"no space left on device at {where} for the step-{step} checkpoint (it needs "
             f"{needed / 2**20:.1f} MiB{room})")})
-        ray.train.report({"step": step, "disk_full": 1.0})
 
     def _diverged(self, step: int, loss: float) -> None:
         import ray.train
