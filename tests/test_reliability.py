@@ -324,7 +324,7 @@ def trial_runs(runs: dict) -> list:
 
 @pytest.mark.slow
 def test_ctrl_c_mid_study_is_no_success_and_a_second_copy_is_refused(tmp_path, tinystories,
-                                                                     ray_head):
+                                                                     ray_head, request):
     """Two pico trials one after the other: while the first trains, a second copy of the
     study is refused in one line; Ctrl-C once the second trains ends the study with exit
     status 130: the finished trial kept, the other KILLED, the parent run KILLED naming it, and
@@ -345,6 +345,12 @@ def test_ctrl_c_mid_study_is_no_success_and_a_second_copy_is_refused(tmp_path, t
                "--json"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # its own group, as in a shell
+
+    def stop() -> None:  # a failed assert leaves no study training on the shared head
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    request.addfinalizer(stop)
     wait_for_runs(uri, proc, trial_runs)
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 1, second.stderr[-3000:]
