@@ -99,8 +99,8 @@ class StudyConfig:
         if not self.name.strip():
             raise ConfigError("study.name is empty: name the study (its MLflow parent run)")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name) or set(self.name) == {"."}:
-            # The name makes a folder (the Tune run's `study-<name>-<time>`): a slash
-            # or a `..` would put them outside the storage path.
+            # The name makes a folder (the Tune run's `study-<name>-<time>`) and a file (the
+            # study's lock, `.study-<name>.lock`): a slash or a `..` would put them elsewhere.
             raise ConfigError(f"study.name {self.name!r} may hold only letters, digits, '.', "
                               f"'_' and '-'; rename the study")
         for name in ("sizes", "schemes", "plans", "seeds"):
