@@ -515,9 +515,10 @@ def end_stopped_early(uri: str, run_id: str) -> None:
 
 
 def pending_search_trials(uri: str, trials: list[TrialConfig]) -> list[TrialConfig]:
-    """The search trials a (re)run still has to train: a search trial is decided once it
-    finished, or once the scheduler stopped it (ASHA ruled on its rate; training it on would
-    waste the budget the early stop saved). A trial that failed or was interrupted is pending."""
+    """The search trials (or any trials under a scheduler) a (re)run still has to train: a
+    trial is decided once it finished, or once the scheduler stopped it (ASHA ruled on its
+    rate; training it on would waste the budget the early stop saved). A trial that failed or
+    was interrupted is pending."""
     def decided(t: TrialConfig) -> bool:
         run = tracking.find_trial_run(uri, t.experiment, t.key())
         if run is None:
@@ -585,7 +586,10 @@ class _TuneRun:
         summary["trained"] += [_trial_name(r) for r in finished if not r.metrics["skipped"]]
         ended = {_trial_name(r) for r in finished} | {_trial_name(r) for r in grid
                                                        if r.error is not None and r.config}
-        unfinished = [t for t in trials if t.run_name not in ended]
+        # Neither is a trial the scheduler stopped (ASHA), nor one whose run finished as the
+        # study was stopped: MLflow tells which of the others are still to train.
+        unfinished = pending_search_trials(self.uri, [t for t in trials
+                                                      if t.run_name not in ended])
         if unfinished:
             raise self._interrupted(unfinished, len(trials))
 
