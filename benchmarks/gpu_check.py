@@ -9,14 +9,14 @@ line holding them all:
     python benchmarks/gpu_check.py --cpu-rehearsal --out DIR   # same script, pico, CPU, gloo
 
 step time, tokens/s and MFU are the trial's own `perf/*` metrics (the last log window, no
-evaluation inside), peak memory its `memory/peak_cuda_bytes`; ternary/FP is the ratio of the
-two trials' step times. Installs what is missing itself: with --wheels, the set
+evaluation inside), peak memory its `memory/peak_cuda_bytes`; ternary/FP is the ratio of the two
+trials' step times. Installs what is missing itself: with --wheels, the set
 `benchmarks/gpu_wheels.py` builds (the GPU machine has no registry), else `pip install -e .`.
 Without a GPU it says so and exits 2, unless --cpu-rehearsal, which runs every step on the CPU
 at the pico size (fp32, gloo) so that all but the GPU is known to work. With --out DIR (default
-$OUT when set) each case's figures are appended to DIR/gpu_check.jsonl as soon as they exist: a run cut short still returns what it measured.
-Runs `python -m ternarylm.cli`, not the console script: on the GPU machine the package is on
-PYTHONPATH, not installed.
+$OUT when set) each case's figures are appended to DIR/gpu_check.jsonl as soon as they exist: a
+run cut short still returns what it measured. Runs `python -m ternarylm.cli`, not the console
+script: on the GPU machine the package is on PYTHONPATH, not installed.
 """
 
 import argparse
