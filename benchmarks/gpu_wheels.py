@@ -20,6 +20,15 @@ read from a machine running it on 2026-11-17) but not Ray, DeepSpeed or MLflow. 
   5. prints each wheel's size, the total and what is left of the 64 MiB for the working tree.
 
     python benchmarks/gpu_wheels.py [--out .whl] [--json]
+    python benchmarks/gpu_wheels.py --python 3.11 --rehearse DIR   # the carried-set rehearsal
+
+--rehearse DIR then builds a fresh virtual environment holding only what the image holds (torch
+and the image's packages the walk and ternarylm need, from this machine's registry), unpacks the
+set into it the way the GPU machine will (no index, no dependencies, onto PYTHONPATH) and runs
+`gpu_check.py --cpu-rehearsal --wheels` there, figures under DIR: every step but CUDA, with the
+set exactly as carried. This machine has no Python 3.12 torch that runs without CUDA libraries,
+so the rehearsal builds the set for the Python it runs with (--python 3.11 here); the 3.12 set
+is checked by resolution only.
 
 Then on the GPU machine (the `device` tool's `run`, carry [".whl", "gpu-data"]):
     python benchmarks/gpu_check.py --wheels .whl --data gpu-data/tinystories_sample.txt --json
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -47,13 +57,27 @@ CARRY_LIMIT = 64 * 2**20
 
 # What `ternarylm train`, `pack` and the footprint measurement import on the GPU machine.
 ROOTS = ["ray[train,tune]", "deepspeed", "mlflow-skinny", "sqlalchemy", "alembic", "datasets"]
-PYTHON = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
-          "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-          "implementation_name": "cpython", "platform_python_implementation": "CPython"}
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]
-TARGET = ["--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--abi",
-          "abi3", "--abi", "none", *[a for p in PLATFORMS for a in ("--platform", p)]]
+# ternarylm's own requirements that the image holds (the rehearsal installs them there).
+IMAGE_NEEDS = ["torch", "numpy", "scipy", "pyarrow", "matplotlib", "psutil", "scikit-learn",
+               "threadpoolctl", "pyyaml", "safetensors", "tokenizers", "transformers",
+               "accelerate", "huggingface-hub"]
+
+
+def environment(python: str) -> dict[str, str]:
+    """Marker values of CPython `python` (3.12: the GPU machine's) on Linux x86_64."""
+    return {"python_version": python, "python_full_version": f"{python}.3",
+            "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
+            "os_name": "posix", "implementation_name": "cpython",
+            "platform_python_implementation": "CPython"}
+
+
+def target(python: str) -> list[str]:
+    """pip's options for wheels of CPython `python` on manylinux x86_64."""
+    abi = "cp" + python.replace(".", "")
+    return ["--python-version", python, "--implementation", "cp", "--abi", abi, "--abi", "abi3",
+            "--abi", "none", *[a for p in PLATFORMS for a in ("--platform", p)]]
 
 # The GPU machine's image (python3 3.12.3 at /opt/torch/.venv), as read on 2026-11-17.
 PREINSTALLED = frozenset(canonicalize_name(n) for n in """
@@ -102,12 +126,12 @@ def local_version(name: str) -> str:
         raise  # unreachable: fail exits
 
 
-def fetch(name: str, version: str, out: Path) -> Path:
-    """The cp312 manylinux wheel of name==version in `out`: downloaded, or built from its sdist
-    where the registry has no wheel."""
+def fetch(name: str, version: str, out: Path, python: str) -> Path:
+    """The manylinux wheel of name==version for CPython `python` in `out`: downloaded, or
+    built from its sdist where the registry has no wheel."""
     pin = f"{name}=={version}"
     got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                          "--only-binary=:all:", *TARGET, "-d", str(out), pin],
+                          "--only-binary=:all:", *target(python), "-d", str(out), pin],
                          capture_output=True, text=True)
     if got.returncode != 0:
         with tempfile.TemporaryDirectory() as d:
@@ -130,8 +154,8 @@ def wheel_of(name: str, folder: Path) -> Path:
     raise AssertionError  # unreachable
 
 
-def requirements(wheel: Path, extras: set[str]) -> list[Requirement]:
-    """The wheel's Requires-Dist that apply on the GPU machine's Python for these extras."""
+def requirements(wheel: Path, extras: set[str], python: str) -> list[Requirement]:
+    """The wheel's Requires-Dist that apply on CPython `python` for these extras."""
     with zipfile.ZipFile(wheel) as z:
         meta_path = next(n for n in z.namelist()
                          if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
@@ -142,7 +166,7 @@ def requirements(wheel: Path, extras: set[str]) -> list[Requirement]:
             continue
         req = Requirement(line.split(":", 1)[1].strip())
         marker: Marker | None = req.marker
-        if marker is None or any(marker.evaluate({**PYTHON, "extra": e})
+        if marker is None or any(marker.evaluate({**environment(python), "extra": e})
                                  for e in (extras or {""})):
             out.append(req)
     return out
@@ -168,7 +192,7 @@ def repack(wheel: Path, leave_out: tuple[str, ...] = ()) -> int:
     return before - wheel.stat().st_size
 
 
-def build(out: Path) -> tuple[dict[str, dict], list[dict]]:
+def build(out: Path, python: str) -> tuple[dict[str, dict], list[dict]]:
     """The set: name -> {version, wheel, bytes}; and every requirement edge with its check."""
     chosen: dict[str, dict] = {}
     edges: list[dict] = []
@@ -190,12 +214,12 @@ def build(out: Path) -> tuple[dict[str, dict], list[dict]]:
             continue
         if name not in chosen:
             version = local_version(name)
-            wheel = fetch(name, version, out)
+            wheel = fetch(name, version, out, python)
             chosen[name] = {"version": version, "wheel": wheel.name}
         seen_extras[name] = seen_extras.get(name, set()) | extras
         edges.append({"by": by, "needs": str(req), "met_by": chosen[name]["version"],
                       "ok": Version(chosen[name]["version"]) in req.specifier})
-        for sub in requirements(out / chosen[name]["wheel"], seen_extras[name]):
+        for sub in requirements(out / chosen[name]["wheel"], seen_extras[name], python):
             queue.append((sub, f"{name}{sorted(extras) if extras else ''}"))
     for name, entry in chosen.items():
         wheel, leave_out = out / entry["wheel"], TRIM.get(name, ())
@@ -206,12 +230,12 @@ def build(out: Path) -> tuple[dict[str, dict], list[dict]]:
     return chosen, edges
 
 
-def pip_resolves(out: Path, chosen: dict[str, dict]) -> tuple[bool, str]:
-    """pip's own check: the carried wheels install for CPython 3.12 with no index."""
+def pip_resolves(out: Path, chosen: dict[str, dict], python: str) -> tuple[bool, str]:
+    """pip's own check: the carried wheels install for CPython `python` with no index."""
     with tempfile.TemporaryDirectory() as d:
         got = subprocess.run(
             [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps",
-             "--only-binary=:all:", *TARGET, "--target", d, "--find-links", str(out),
+             "--only-binary=:all:", *target(python), "--target", d, "--find-links", str(out),
              *[f"{n}=={e['version']}" for n, e in sorted(chosen.items())]],
             capture_output=True, text=True)
     text = (got.stdout + got.stderr).strip().splitlines()
@@ -226,10 +250,37 @@ def tree_bytes() -> int:
     return sum(p.stat().st_size for p in (REPO / n for n in names if n) if p.is_file())
 
 
+def rehearse(out: Path, edges: list[dict], python: str, figures: Path) -> int:
+    """gpu_check's CPU rehearsal in a fresh environment holding only the image's packages,
+    with the set installed as the GPU machine installs it. Returns its exit status."""
+    interpreter = shutil.which(f"python{python}")
+    if interpreter is None:
+        fail(f"no python{python} on PATH for the rehearsal; pass --python with one that is")
+    image = sorted({Requirement(e["needs"]).name for e in edges if e["met_by"].startswith("image")}
+                   | set(IMAGE_NEEDS) - {"torch"}) + [f"torch=={local_version('torch')}"]
+    with tempfile.TemporaryDirectory() as d:
+        venv = Path(d) / "image"
+        subprocess.run([interpreter, "-m", "venv", str(venv)], check=True)
+        py = str(venv / "bin" / "python")
+        subprocess.run([py, "-m", "pip", "install", "-q", *image], check=True)
+        figures.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        print(f"rehearsal: {len(image)} image packages in a fresh {python} environment; "
+              f"gpu_check --cpu-rehearsal --wheels {out}", flush=True)
+        return subprocess.run([py, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-rehearsal",
+                               "--wheels", str(out), "--out", str(figures), "--json"],
+                              env=env, cwd=d).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / ".whl"), help="folder of the wheel set")
+    parser.add_argument("--python", default="3.12",
+                        help="the CPython version the set is for (the GPU machine's: 3.12)")
+    parser.add_argument("--rehearse", metavar="DIR",
+                        help="then run gpu_check's CPU rehearsal with the set as carried")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -238,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         shutil.rmtree(out)  # a set is built whole: no wheel left from an older set
     out.mkdir(parents=True)
-    chosen, edges = build(out)
-    resolved, pip_line = pip_resolves(out, chosen)
+    chosen, edges = build(out, args.python)
+    resolved, pip_line = pip_resolves(out, chosen, args.python)
     unmet = [e for e in edges if e["ok"] is False]
     unchecked = sorted({e["needs"].split(";")[0] for e in edges if e["ok"] is None})
     total = sum(e["bytes"] for e in chosen.values())
@@ -255,13 +306,16 @@ def main(argv: list[str] | None = None) -> int:
           + "".join(f"\n  unmet: {e['by']} needs {e['needs']} (have {e['met_by']})"
                     for e in unmet))
     print(f"met by the image by name only (its version not known here): {', '.join(unchecked)}")
-    print(f"pip --dry-run --no-index for 3.12: {'ok' if resolved else 'FAILED'}: {pip_line}")
+    print(f"pip --dry-run --no-index for {args.python}: {'ok' if resolved else 'FAILED'}: "
+          f"{pip_line}")
     fits = total + tree <= CARRY_LIMIT
     if args.json:
         print(json.dumps({"wheels": chosen, "total_bytes": total, "tree_bytes": tree,
                           "fits_carry_limit": fits, "unmet": unmet, "unchecked": unchecked,
                           "pip_resolves": resolved, "pip": pip_line}))
-    return 0 if resolved and not unmet and fits else 1
+    if not (resolved and not unmet and fits):
+        return 1
+    return rehearse(out, edges, args.python, Path(args.rehearse)) if args.rehearse else 0
 
 
 if __name__ == "__main__":
