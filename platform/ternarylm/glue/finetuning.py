@@ -43,7 +43,9 @@ from ternarylm.glue.data import (
 )
 from ternarylm.glue.model import POOLINGS, GlueClassifier
 from ternarylm.optim import linear_warmup_decay, param_groups
-from ternarylm.quantizers import FP, QuantEmbedding, QuantLinear
+from ternarylm.model import TernaryLM
+from ternarylm.plans import convert
+from ternarylm.quantizers import FP
 
 GLUE_TASK_TAG = "ternarylm.glue.task"
 GLUE_KEY_TAG = "ternarylm.glue.key"
@@ -158,10 +160,10 @@ def _seeded_subset(data: GlueData, cap: int | None, seed: int) -> GlueData:
     return data.subset(keep)
 
 
-def layer_formats(model: nn.Module) -> dict[str, str]:
-    """name -> format of every quantized module (QuantLinear / QuantEmbedding)."""
-    return {name: m.format for name, m in model.named_modules()
-            if isinstance(m, (QuantLinear, QuantEmbedding))}
+def layer_formats(model: TernaryLM) -> dict[str, str]:
+    """name -> format of every quantized weight (of `plans.convert`)."""
+    return {name: layer.format for name, layer in convert(model).items()
+            if layer.quantized is not None}
 
 
 @torch.no_grad()
@@ -242,8 +244,9 @@ def finetune(trained, task: str | GlueTask, settings: GlueSettings, train: GlueD
                       predictions=preds, model=model)
 
 
-def _count_quant(model: nn.Module) -> int:
-    return sum(isinstance(m, QuantLinear) for m in model.modules())
+def _count_quant(model: TernaryLM) -> int:
+    return sum(layer.spec.kind == "linear" and layer.quantized is not None
+               for layer in convert(model).values())
 
 
 # ---------------------------------------------------------------------------------------------
