@@ -103,6 +103,9 @@ ROLES: dict[str, Role] = {
 }
 
 
+RESIDUAL_ROLES = ("o", "down")  # the projections that write into the residual stream
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One weight of the model: where it is, what it does, its shape and its names elsewhere."""
@@ -374,9 +377,10 @@ class TernaryLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         # GPT-2's scaled init of residual projections keeps the residual stream's variance flat.
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.o.weight", "mlp.down.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        for layer in cfg.layer_table():
+            if layer.role in RESIDUAL_ROLES:
+                nn.init.normal_(self.get_submodule(layer.name).weight,
+                                std=0.02 / math.sqrt(2 * cfg.n_layers))
         if cfg.tie_head:
             self.head.weight = self.embed.weight
 
