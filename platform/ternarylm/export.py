@@ -10,8 +10,9 @@ biases. RoPE rotates halves (x[..., :D/2], x[..., D/2:]), exactly like transform
 compare logits). llama.cpp's llama architecture rotates adjacent pairs instead, so the GGUF
 writer permutes q/k rows the way llama.cpp's own convert_hf_to_gguf.py does for HF Llama.
 
-Weights are exported DEQUANTIZED, the TriLM way: every quantized layer as codes x scales from its
-`weight_quantizer.quantize`, i.e. exactly the weights the training forward pass used. What the
+Weights are exported DEQUANTIZED, the TriLM way: every quantized layer as codes x scales from
+`plans.convert`, i.e. exactly the weights the training forward pass used, under the names the
+layer table gives them (`LayerSpec.hf_name`, `LayerSpec.gguf_name`). What the
 exported models do not do is quantize activations: stock Llama (and llama.cpp's llama graph)
 runs on float activations, while our models quantize every quantized linear's input to
 `activation_bits` per token. A model trained with activation quantization therefore gives
