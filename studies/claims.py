@@ -823,7 +823,7 @@ def initial_blocks(row: dict[str, Any]) -> tuple[dict[int, float], float]:
     apply_plan(model, preset(row["plan"]), row["scheme"], model.cfg.n_layers)
     rows = layer_stats(model)
     ternary = {r["layer"] for r in rows if r["block"] is not None and r["zero_fraction"] > 0}
-    weights = [m.weight for name, m in model.named_modules() if name in ternary]
+    weights = [model.get_submodule(name).weight for name in ternary]
     lsq = sum(float((w.abs() < w.abs().mean()).sum()) for w in weights) / sum(
         w.numel() for w in weights)
     return block_sparsity(rows), lsq
