@@ -50,11 +50,11 @@ import torch
 from ternarylm.artifacts import load_trained, save_trained
 from ternarylm.config import TrialConfig
 from ternarylm.data import build_tokenizer, eos_id
-from ternarylm.export import export_gguf, exported_layers
+from ternarylm.export import export_gguf
 from ternarylm.model import TernaryLM, model_config
 from ternarylm.inference import load_packed
 from ternarylm.packing import pack_model
-from ternarylm.plans import apply_plan
+from ternarylm.plans import apply_plan, convert
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared" / "data")
@@ -224,8 +224,8 @@ def fp32_packed(trained, path: Path) -> Path:
     """Our FP32 reference: the same model, every weight dequantized (codes x scales) and
     packed as floats, run by the same inference code."""
     fp32 = TernaryLM(trained.model.cfg)
-    fp32.load_state_dict({f"{name}.weight": layer.weight
-                          for name, layer in exported_layers(trained.model).items()})
+    fp32.load_state_dict({f"{name}.weight": layer.dequantized()
+                          for name, layer in convert(trained.model).items()})
     return pack_model(fp32, path, trained.tokenizer, trained.eos_id, embedding_dtype="fp32").path
 
 

@@ -20,6 +20,14 @@ SHARED_DATA = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared
 TINYSTORIES = SHARED_DATA / "tinystories" / "tinystories_sample.txt"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on a Ray head is slow, marked or not: `make test-fast` (-m "not slow") is the
+    unit tier, `make test` (CI) runs both."""
+    for item in items:
+        if "ray_head" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_home(tmp_path_factory) -> Path:
     """Runs, caches and MLflow stores of the tests stay out of the user's ~/.ternarylm."""

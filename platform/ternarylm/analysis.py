@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
-import torch.nn as nn
 
-from ternarylm.model import ModelConfig
-from ternarylm.plans import PrecisionPlan
-from ternarylm.quantizers import TERNARY_SCHEMES, QuantEmbedding, QuantLinear
-
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+from ternarylm.model import ModelConfig, TernaryLM
+from ternarylm.plans import PrecisionPlan, convert
+from ternarylm.quantizers import TERNARY_SCHEMES
 
 
 def _entropy_bits(codes: torch.Tensor) -> float:
@@ -23,27 +19,27 @@ def _entropy_bits(codes: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def layer_stats(model: nn.Module) -> list[dict[str, Any]]:
-    """One row per quantized layer: sparsity (zero codes), scale statistics, effective bits."""
+def layer_stats(model: TernaryLM) -> list[dict[str, Any]]:
+    """One row per quantized layer (of `convert`): sparsity (zero codes), scale statistics,
+    effective bits."""
     rows = []
-    for name, m in model.named_modules():
-        if not isinstance(m, (QuantLinear, QuantEmbedding)):
+    for name, layer in convert(model).items():
+        q = layer.quantized
+        if q is None:
             continue
-        q = m.weight_quantizer.quantize(m.weight)
-        block = _BLOCK.match(name)
         row = {
             "layer": name,
-            "block": int(block.group(1)) if block else None,
-            "format": m.format,
-            "numel": m.weight.numel(),
+            "block": layer.spec.block,
+            "format": layer.format,
+            "numel": layer.weight.numel(),
             "zero_fraction": float((q.codes == 0).float().mean()),
             "scale_mean": float(q.scale.float().mean()),
             "scale_std": float(q.scale.float().std()) if q.scale.numel() > 1 else 0.0,
             "storage_bits": q.bits,
             "effective_bits": _entropy_bits(q.codes),
         }
-        if hasattr(m.weight_quantizer, "initial_scale"):
-            row["scale_initial"] = float(m.weight_quantizer.initial_scale.float().mean())
+        if layer.initial_scale is not None:
+            row["scale_initial"] = float(layer.initial_scale.float().mean())
         rows.append(row)
     return rows
 
@@ -62,5 +58,5 @@ def block_sparsity(rows: list[dict[str, Any]]) -> dict[int, float]:
 
 def has_ternary_layers(cfg: ModelConfig, plan: PrecisionPlan) -> bool:
     """Whether a plan puts any linear of this model in a ternary scheme (fp does not)."""
-    formats = plan.resolve(cfg.linear_names(), cfg.n_layers, TERNARY_SCHEMES[0])
+    formats = plan.resolve(cfg.layer_table(), cfg.n_layers, TERNARY_SCHEMES[0])
     return any(f in TERNARY_SCHEMES for f in formats.values())

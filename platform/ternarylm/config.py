@@ -201,7 +201,7 @@ class TrialConfig:
             raise ConfigError("experiment is empty: name the MLflow experiment (default "
                               "ternarylm)")
         # Size, seq_len and the plan checked against the model's shape, without building it.
-        self.plan.resolve(self.shape.linear_names(), self.shape.n_layers, self.scheme)
+        self.plan.resolve(self.shape.layer_table(), self.shape.n_layers, self.scheme)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return model_config(self.size, vocab_size=vocab_size, seq_len=self.seq_len,

@@ -13,7 +13,7 @@ model's memory or caches help the other:
 The FP32 model is a packed file too (`embedding_dtype="fp32"`, no plan): it runs in the same
 inference code (fused projections, KV cache) with fp32 weights.
 
-Used by `benchmarks/inference.py` and by the paper-claims report (`ternarylm.claims`).
+Used by `benchmarks/inference.py` and by the paper-claims report (`studies/claims.py`).
 """
 
 from __future__ import annotations

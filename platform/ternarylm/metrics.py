@@ -98,6 +98,8 @@ WORKER_EXPORT_S = _declare("time/worker_export_s", "s", "worker after the loop: 
                            "model and packed file written, measured and logged", summary=True)
 TRAIN_LOOP_S = _declare("time/train_loop_s", "s", "wall time of the training loop (evaluations "
                         "included)", summary=True, column="train_loop_s")
+EVAL_S = _declare("time/eval_s", "s", "the evaluations inside the training loop (part of "
+                  "time/train_loop_s)", summary=True)
 SETUP_S = _declare("time/setup_s", "s", "driver: checks, data, Ray and MLflow before training")
 FIT_S = _declare("time/fit_s", "s", "driver: Ray Train's fit(), worker group start to end")
 FINISH_S = _declare("time/finish_s", "s", "driver: plots and run closing after training")

@@ -233,7 +233,7 @@ class _Loop:
         import ray.train
 
         t = self.cfg.train
-        loop_start = time.perf_counter()
+        loop_start, eval_s = time.perf_counter(), 0.0
         self._record_rank_batches(step)
         window_start, window_tokens = time.perf_counter(), 0
         while step < t.steps:
@@ -249,9 +249,12 @@ class _Loop:
                 metrics |= self._train_metrics(step, loss, window_tokens / elapsed)
                 window_start, window_tokens = time.perf_counter(), 0
             if step % t.eval_every == 0 or step == t.steps:
+                eval_start = time.perf_counter()
                 metrics |= self.evaluate(step)
+                eval_s += time.perf_counter() - eval_start
             if step == t.steps:  # what this launch spent outside the training loop, for reports
-                metrics |= launch | {M.TRAIN_LOOP_S: time.perf_counter() - loop_start}
+                metrics |= launch | {M.TRAIN_LOOP_S: time.perf_counter() - loop_start,
+                                     M.EVAL_S: eval_s}
             self.log.log(step, {k: v for k, v in metrics.items() if k != "step"})
             if step % t.checkpoint_every == 0 or step == t.steps:
                 self.log.flush()  # before the checkpoint: a resume never leaves a gap

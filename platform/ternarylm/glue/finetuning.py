@@ -43,7 +43,8 @@ from ternarylm.glue.data import (
 )
 from ternarylm.glue.model import POOLINGS, GlueClassifier
 from ternarylm.optim import linear_warmup_decay, param_groups
-from ternarylm.quantizers import FP, QuantEmbedding, QuantLinear
+from ternarylm.plans import ConvertedLayer, convert
+from ternarylm.quantizers import FP
 
 GLUE_TASK_TAG = "ternarylm.glue.task"
 GLUE_KEY_TAG = "ternarylm.glue.key"
@@ -158,10 +159,9 @@ def _seeded_subset(data: GlueData, cap: int | None, seed: int) -> GlueData:
     return data.subset(keep)
 
 
-def layer_formats(model: nn.Module) -> dict[str, str]:
-    """name -> format of every quantized module (QuantLinear / QuantEmbedding)."""
-    return {name: m.format for name, m in model.named_modules()
-            if isinstance(m, (QuantLinear, QuantEmbedding))}
+def layer_formats(layers: dict[str, ConvertedLayer]) -> dict[str, str]:
+    """name -> format of every quantized weight of a model's `plans.convert`."""
+    return {name: layer.format for name, layer in layers.items() if layer.quantized is not None}
 
 
 @torch.no_grad()
@@ -236,14 +236,16 @@ def finetune(trained, task: str | GlueTask, settings: GlueSettings, train: GlueD
     model.eval()
     metrics = glue_metrics(spec, dev.labels, preds)
     baseline = glue_metrics(spec, dev.labels, [majority] * len(dev))
+    layers = convert(model.lm)
     return GlueResult(spec.name, metrics, baseline, majority, len(train), len(dev), step,
-                      history, time.perf_counter() - t0, quant_linears=_count_quant(model.lm),
-                      formats_kept=layer_formats(model.lm) == planned,
+                      history, time.perf_counter() - t0, quant_linears=_count_quant(layers),
+                      formats_kept=layer_formats(layers) == planned,
                       predictions=preds, model=model)
 
 
-def _count_quant(model: nn.Module) -> int:
-    return sum(isinstance(m, QuantLinear) for m in model.modules())
+def _count_quant(layers: dict[str, ConvertedLayer]) -> int:
+    return sum(layer.spec.kind == "linear" and layer.quantized is not None
+               for layer in layers.values())
 
 
 # ---------------------------------------------------------------------------------------------
