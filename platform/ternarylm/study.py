@@ -428,6 +428,8 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
     for key in ("trained", "skipped"):
         summary[key] = sorted(summary[key])
     tracking.end_run(uri, parent, "FINISHED")
+    print(f"MLflow: {tracking.ui_link(uri, tracking.ensure_experiment(experiment, uri))}",
+          flush=True)
     return summary
 
 

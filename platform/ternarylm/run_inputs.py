@@ -1,0 +1,55 @@
+"""What a trial trained on, as its MLflow run's dataset inputs: one per split of the token cache.
+
+Each input names the cache (source stem and tokenizer), carries the cache's digest
+(`PreparedData.digest`, the hash of everything that changes its tokens), where the text came
+from (a local file or a hub dataset), and a profile of the split (tokens, documents, bytes,
+vocabulary), so that the UI's Dataset column and dataset pages say which data a trial saw.
+"""
+
+from __future__ import annotations
+
+import json
+
+from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from ternarylm import tracking
+from ternarylm.data import SPLITS, DataConfig, PreparedData
+from ternarylm.data.cache import META_FILE
+from ternarylm.data.sources import is_local, local_file
+
+_SCHEMA = json.dumps({"mlflow_colspec": [{"type": "long", "name": "token_id"}]})
+
+
+def _source(source: str, split: str) -> tuple[str, str]:
+    """(source type, source JSON) as MLflow's dataset sources write them."""
+    if is_local(source):
+        return "local", json.dumps({"uri": local_file(source).resolve().as_uri()})
+    return "hugging_face", json.dumps({"path": source, "split": split})
+
+
+def dataset_inputs(data: DataConfig, prepared: PreparedData) -> list[DatasetInput]:
+    """The train and validation splits of the trial's token cache as dataset inputs."""
+    meta = json.loads((prepared.path / META_FILE).read_text())
+    name = prepared.path.name.rsplit("-", 1)[0]
+    inputs = []
+    for split in SPLITS:
+        source = data.val_source if split == "validation" and data.val_source else data.source
+        source_type, source_json = _source(source, split)
+        profile = {**meta["splits"][split], "split": split, "tokenizer": data.tokenizer,
+                   "vocab_size": prepared.vocab_size, "cache": str(prepared.path)}
+        dataset = Dataset(name=f"{name}/{split}", digest=prepared.digest,
+                          source_type=source_type, source=source_json, schema=_SCHEMA,
+                          profile=json.dumps(profile))
+        inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, split)]))
+    return inputs
+
+
+def log_datasets(uri: str, run_id: str, data: DataConfig, prepared: PreparedData) -> None:
+    """Log the trial's dataset inputs once (a resumed run already has them)."""
+    run = tracking.client(uri).get_run(run_id)
+    logged = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+    new = [i for i in dataset_inputs(data, prepared)
+           if (i.dataset.name, i.dataset.digest) not in logged]
+    if new:
+        tracking.client(uri).log_inputs(run_id, datasets=new)
