@@ -156,6 +156,18 @@ def test_rerun_trains_only_new_cells(tmp_path, tinystories, ray_head, monkeypatc
         (child,) = eval_runs(uri, run.info.run_id)
         assert child.info.status == "FINISHED"
         assert child.data.metrics["eval/stories_ppl/bits_per_byte"] > 0, child.data.metrics
+    # Registration: one version per cell, and a rerun registers nothing again.
+    from ternarylm.registry import register_study
+    name = yaml.safe_load(config.read_text())["name"]
+    first_reg = register_study(name, uri=uri)
+    assert sorted(v["new"] for v in first_reg["versions"]) == [True, True]
+    again_reg = register_study(name, uri=uri)
+    assert [v["new"] for v in again_reg["versions"]] == [False, False]
+    assert ({v["version"] for v in again_reg["versions"]}
+            == {v["version"] for v in first_reg["versions"]})
+    bad = subprocess.run(["ternarylm", "register", "no-such-study"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_dry_run_json_lists_every_trial():

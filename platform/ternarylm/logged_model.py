@@ -43,6 +43,10 @@ SIGNATURE = ModelSignature(
 class PackedTextModel(mlflow.pyfunc.PythonModel):
     """Text in, the prompt and its continuation out, one string per prompt."""
 
+    # MLflow's own switch off type-hint validation (it warns at class definition of a predict
+    # without hints): the signature is given when the model is logged (SIGNATURE).
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         from ternarylm.inference import load_packed
 
