@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from ternarylm import tracking
@@ -46,10 +47,24 @@ def dataset_inputs(data: DataConfig, prepared: PreparedData) -> list[DatasetInpu
 
 
 def log_datasets(uri: str, run_id: str, data: DataConfig, prepared: PreparedData) -> None:
-    """Log the trial's dataset inputs once (a resumed run already has them)."""
-    run = tracking.client(uri).get_run(run_id)
-    logged = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
-    new = [i for i in dataset_inputs(data, prepared)
-           if (i.dataset.name, i.dataset.digest) not in logged]
-    if new:
-        tracking.client(uri).log_inputs(run_id, datasets=new)
+    """Log the trial's dataset inputs once (a resumed run already has them).
+
+    MLflow's `log_inputs` looks each dataset up in the run's experiment and inserts the missing
+    ones in one transaction, so trials that start together all miss a dataset and all but one
+    fail on the datasets table's unique (experiment, name, digest), their transaction rolled
+    back. Each such failure means another run has just inserted one of these datasets: trying
+    again (at most once per dataset) finds it and only links it to this run.
+    """
+    inputs = dataset_inputs(data, prepared)
+    for retries_left in range(len(inputs), -1, -1):
+        run = tracking.client(uri).get_run(run_id)
+        logged = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+        new = [i for i in inputs if (i.dataset.name, i.dataset.digest) not in logged]
+        if not new:
+            return
+        try:
+            tracking.client(uri).log_inputs(run_id, datasets=new)
+            return
+        except MlflowException:
+            if not retries_left:
+                raise
