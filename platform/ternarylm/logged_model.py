@@ -90,13 +90,13 @@ def log_trial_model(uri: str, run_id: str, cfg: TrialConfig) -> str:
               "ternarylm.scheme": cfg.scheme, "ternarylm.plan": cfg.plan.name})
     with tempfile.TemporaryDirectory() as d:
         packed = c.download_artifacts(run_id, f"{PACKED_ARTIFACT_PATH}/{PACKED_FILE}", d)
-        mlflow.set_tracking_uri(uri)  # Model.log resolves the store from the global URI
-        info = Model.log(
-            artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
-            step=cfg.train.steps, python_model=PackedTextModel(),
-            artifacts={"packed": packed}, signature=SIGNATURE,
-            # Given, not inferred: inference loads the model in a subprocess (seconds).
-            pip_requirements=[f"ternarylm=={ternarylm.__version__}",
-                              f"torch=={torch.__version__.split('+')[0]}",
-                              f"mlflow=={mlflow.__version__}"])
+        with tracking.global_uri(uri):  # Model.log resolves the store from it
+            info = Model.log(
+                artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id,
+                model_id=model.model_id, step=cfg.train.steps, python_model=PackedTextModel(),
+                artifacts={"packed": packed}, signature=SIGNATURE,
+                # Given, not inferred: inference loads the model in a subprocess (seconds).
+                pip_requirements=[f"ternarylm=={ternarylm.__version__}",
+                                  f"torch=={torch.__version__.split('+')[0]}",
+                                  f"mlflow=={mlflow.__version__}"])
     return info.model_id

@@ -9,7 +9,12 @@ registers only models that have no version yet.
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from mlflow.entities import LoggedModel
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from ternarylm import frontier, logged_model, tracking
 from ternarylm import metrics as M
@@ -65,6 +70,17 @@ def chosen(rows: list[dict[str, Any]], per: str) -> dict[str, dict[str, Any]]:
     return dict(sorted(best.items()))
 
 
+def _link_version(c: MlflowClient, model: LoggedModel, name: str, version: str) -> None:
+    """List the version on its logged model (`mlflow.modelVersions`, the Models tab's
+    registered-versions column) as `mlflow.register_model` and the server do; a direct SQL
+    client's `create_model_version` does not."""
+    entry = {"name": name, "version": str(version)}
+    linked = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if entry not in linked:
+        c.set_logged_model_tags(model.model_id,
+                                {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
+
+
 def register_study(study: str, name: str | None = None, per: str = "cell",
                    experiment: str = "ternarylm", uri: str | None = None) -> dict[str, Any]:
     """Register the study's chosen models under `name` (default ternarylm-STUDY); returns the
@@ -95,10 +111,12 @@ def register_study(study: str, name: str | None = None, per: str = "cell",
             tags = {"ternarylm.cell": label, tracking.TRIAL_KEY_TAG:
                     run.data.tags.get(tracking.TRIAL_KEY_TAG, ""), STUDY_TAG: study,
                     **{M.final(k): finals[k] for k in TAGGED_METRICS if k in finals}}
-            version = c.create_model_version(name, f"models:/{model.model_id}",
-                                             run_id=run.info.run_id, tags=tags,
-                                             model_id=model.model_id)
+            with tracking.global_uri(uri):  # the store resolves the source through it
+                version = c.create_model_version(name, f"models:/{model.model_id}",
+                                                 run_id=run.info.run_id, tags=tags,
+                                                 model_id=model.model_id)
             new = True
+        _link_version(c, model, name, version.version)
         out.append({"cell": label, "run_id": run.info.run_id, "model_id": model.model_id,
                     "version": int(version.version), "new": new,
                     "val_bpb": r["val_bpb"], "packed_bytes": r["packed_bytes"]})

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,6 +53,20 @@ def tracking_uri() -> str:
 
 def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+@contextmanager
+def global_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` for the block, then put back. A few
+    MLflow calls ignore their client's URI and use it: `Model.log`, and the SQL registry's
+    `create_model_version`, which looks a `models:/<id>` source up with `MlflowClient()`.
+    `set_tracking_uri` mirrors the URI into MLFLOW_TRACKING_URI, so that variable is what was."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def check_tracking(uri: str) -> None:
