@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mlflow.entities import LoggedModel
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
@@ -70,14 +69,15 @@ def chosen(rows: list[dict[str, Any]], per: str) -> dict[str, dict[str, Any]]:
     return dict(sorted(best.items()))
 
 
-def _link_version(c: MlflowClient, model: LoggedModel, name: str, version: str) -> None:
+def _link_version(c: MlflowClient, model_id: str, name: str, version: str) -> None:
     """List the version on its logged model (`mlflow.modelVersions`, the Models tab's
     registered-versions column) as `mlflow.register_model` and the server do; a direct SQL
     client's `create_model_version` does not."""
     entry = {"name": name, "version": str(version)}
-    linked = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    tags = c.get_logged_model(model_id).tags  # the server may have just listed it
+    linked = json.loads(tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
     if entry not in linked:
-        c.set_logged_model_tags(model.model_id,
+        c.set_logged_model_tags(model_id,
                                 {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
 
 
@@ -116,7 +116,7 @@ def register_study(study: str, name: str | None = None, per: str = "cell",
                                                  run_id=run.info.run_id, tags=tags,
                                                  model_id=model.model_id)
             new = True
-        _link_version(c, model, name, version.version)
+        _link_version(c, model.model_id, name, version.version)
         out.append({"cell": label, "run_id": run.info.run_id, "model_id": model.model_id,
                     "version": int(version.version), "new": new,
                     "val_bpb": r["val_bpb"], "packed_bytes": r["packed_bytes"]})
