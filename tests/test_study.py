@@ -154,6 +154,10 @@ def test_rerun_trains_only_new_cells(tmp_path, tinystories, ray_head, mlflow_ser
     again = runs[old.info.run_name]
     assert again.info.run_id == old.info.run_id and again.info.end_time == old.info.end_time
     digest = prepare_data(DataConfig(source=str(tinystories), tokenizer="char")).digest
+    # The parent lists the study's data once, though it ran twice (its Dataset column).
+    assert sorted((d.dataset.name.rsplit("/", 1)[1], d.dataset.digest)
+                  for d in runs["study-test"].inputs.dataset_inputs) == [
+        ("train", digest), ("validation", digest)]
     for run in (r for n, r in runs.items() if not n.startswith("study-")):
         # The study's view of the trial's time: its wall time holds the loop and the rest.
         m = run.data.metrics

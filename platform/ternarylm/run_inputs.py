@@ -47,7 +47,8 @@ def dataset_inputs(data: DataConfig, prepared: PreparedData) -> list[DatasetInpu
 
 
 def log_datasets(uri: str, run_id: str, data: DataConfig, prepared: PreparedData) -> None:
-    """Log the trial's dataset inputs once (a resumed run already has them).
+    """Log the data as the run's dataset inputs (a trial's, or its study's parent run's), once:
+    a resumed run already has them.
 
     MLflow's `log_inputs` looks each dataset up in the run's experiment and inserts the missing
     ones in one transaction, so trials that start together all miss a dataset and all but one
