@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ternarylm import metrics as M
-from ternarylm import tracking
+from ternarylm import run_inputs, tracking
 from ternarylm.analysis import has_ternary_layers
 from ternarylm.identity import NUMERICS_VERSIONS
 from ternarylm.config import ConfigError, TrialConfig, _build, load_yaml
@@ -394,12 +394,14 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
     for path in {t.storage_path for t in trials}:
         check_storage(path)
     address = ray_address()
-    for data in {repr(t.data): t.data for t in trials}.values():
-        prepare_data(data)  # once, here: trials find the cache
+    # Once, here: trials find the cache.
+    caches = [(d, prepare_data(d)) for d in {repr(t.data): t.data for t in trials}.values()]
     tracking.check_tracking(uri)
     address = connect_ray(address)
     check_capacity(trials)
     parent = open_study_run(study, experiment, uri)
+    for data, cache in caches:  # the parent's Dataset column; the trials then find the rows
+        run_inputs.log_datasets(uri, parent, data, cache)
     notice = tracking.stale_key_notice(uri, tracking.ensure_experiment(experiment, uri),
                                        NUMERICS_VERSIONS["trial"])
     if notice:  # here, once: the trials' Tune actors then find the experiment tagged
@@ -423,6 +425,8 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
     for key in ("trained", "skipped"):
         summary[key] = sorted(summary[key])
     tracking.end_run(uri, parent, "FINISHED")
+    print(f"MLflow: {tracking.ui_link(uri, tracking.ensure_experiment(experiment, uri))}",
+          flush=True)
     return summary
 
 
