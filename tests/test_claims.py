@@ -464,6 +464,7 @@ def trained_dir(root: Path, plan: str) -> Path:
     return save_trained(root / plan, model, trial, formats, tok, eos_id(tok))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_GLUE / "MRPC" / "dev.tsv").is_file(),
                     reason="MRPC not found in the shared data")
 def test_evidence_from_trained_models_and_report_on_mlflow(tmp_path, mlflow_uri, one_torch_thread):

@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles, and the worker entry point stays light."""
+"""The package's import graph: layers that import only downward, no cycles, and the worker
+entry point stays light."""
 
 from __future__ import annotations
 
@@ -72,6 +73,45 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+# The architecture: each module's layer. A module imports only from its own layer or lower
+# ones; a new module must be placed here (the README's Layout section lists the same layers).
+LAYERS = {
+    "foundation": ["errors", "identity", "metrics", "tables", "plots", "progress", "optim",
+                   "cpu_kernels", "fit", "verdicts", "data", "data.batches", "data.cache",
+                   "data.sources", "data.tokenizer"],
+    "model": ["model", "quantizers", "plans", "recipes", "member_optim", "analysis"],
+    "configuration": ["config"],
+    "tracking": ["tracking"],
+    "deployment": ["artifacts", "packing", "inference", "generate", "export", "footprint"],
+    "training and evaluation": ["worker", "train", "stacked", "cluster", "run_inputs",
+                                "logged_model", "trial", "glue", "glue.data", "glue.model",
+                                "glue.finetuning", "harness"],
+    "studies": ["study", "lr_search", "results", "frontier", "allocate", "registry"],
+    "interface": ["cli"],
+}
+LEVEL = {f"ternarylm.{m}": i for i, (_, ms) in enumerate(LAYERS.items()) for m in ms}
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module from a higher layer than its own."""
+    return sorted(f"{m} -> {t}" for m, targets in graph.items() if m in LEVEL
+                  for t in targets if t in LEVEL and LEVEL[t] > LEVEL[m])
+
+
+def test_every_module_has_a_layer():
+    assert sorted(set(import_graph()) - {"ternarylm"} - set(LEVEL)) == []
+
+
+def test_imports_go_down_the_layers():
+    assert upward_imports(import_graph()) == []
+
+
+def test_an_upward_import_is_found():
+    graph = import_graph()
+    graph["ternarylm.model"] = graph["ternarylm.model"] | {"ternarylm.tracking"}
+    assert upward_imports(graph) == ["ternarylm.model -> ternarylm.tracking"]
 
 
 def test_no_import_cycles():

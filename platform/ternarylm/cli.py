@@ -194,6 +194,12 @@ def finite_float(text: str) -> float:
     return value
 
 
+def _register(args: argparse.Namespace) -> None:
+    from ternarylm.registry import register_study
+
+    print(json.dumps(register_study(args.study, args.name, args.per, args.experiment)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ternarylm.model import SIZES
     from ternarylm.quantizers import TERNARY_SCHEMES
@@ -333,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="evaluate again even if a finished child run has the same settings")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("register", help="register a study's best model per cell (or per "
+                                        "frontier point) in the MLflow model registry")
+    p.add_argument("study", help="study name (its `name:`)")
+    p.add_argument("--name", help="registered model name (default ternarylm-STUDY)")
+    p.add_argument("--per", default="cell", choices=["cell", "frontier"],
+                   help="cell: the lowest val bits per byte of each size/scheme/plan; "
+                   "frontier: every point of the packed-bytes vs bits-per-byte frontier")
+    p.add_argument("--experiment", default="ternarylm", help="the study's MLflow experiment")
+    p.set_defaults(func=_register)
     return parser
 
 

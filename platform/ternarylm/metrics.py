@@ -103,6 +103,8 @@ EVAL_S = _declare("time/eval_s", "s", "the evaluations inside the training loop 
 SETUP_S = _declare("time/setup_s", "s", "driver: checks, data, Ray and MLflow before training")
 FIT_S = _declare("time/fit_s", "s", "driver: Ray Train's fit(), worker group start to end")
 FINISH_S = _declare("time/finish_s", "s", "driver: plots and run closing after training")
+LOGGED_MODEL_S = _declare("time/logged_model_s", "s", "driver: the packed file downloaded and "
+                          "logged as the trial's MLflow model (part of finish_s)")
 TRIAL_WALL_S = _declare("time/trial_wall_s", "s", "the study's view of one trial: Tune "
                         "starting it to Tune seeing it end", summary=True, column="trial_wall_s")
 OUTSIDE_TRAINING_S = _declare("time/outside_training_s", "s", "everything of this launch but "

@@ -151,6 +151,31 @@ def log_parent_summary(uri: str, parent_run_id: str, rows: list[dict[str, Any]],
                                               for k, v in values.items()])
 
 
+TABLE_FILES = ("tables/results.json", "tables/frontier.json")
+"""The parent run's MLflow tables (`log_table`): its results and its frontier, which the run
+page's artifact view shows as tables and MLflow's table APIs read (`load_table`)."""
+
+
+def log_tables(uri: str, parent_run_id: str, rows: list[dict[str, Any]],
+               front: list[dict[str, Any]]) -> None:
+    """Log both tables; a rerun's tables replace the earlier ones (`log_table` would append
+    the same trials again), in the file format `log_table` writes."""
+    import pandas as pd
+
+    c = tracking.client(uri)
+    logged = {a.path for a in c.list_artifacts(parent_run_id, "tables")}
+    for path, table, cols in ((TABLE_FILES[0], rows, COLUMNS),
+                              (TABLE_FILES[1], front, frontier.FRONTIER_COLUMNS)):
+        data = pd.DataFrame({col: [r.get(col) for r in table] for col in cols})
+        if path not in logged:
+            c.log_table(parent_run_id, data, path)
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            local = Path(d, Path(path).name)
+            data.to_json(local, orient="split", index=False, date_format="iso")
+            c.log_artifact(parent_run_id, str(local), str(Path(path).parent))
+
+
 def report_lr_search(choices: list, parent_run_id: str, uri: str) -> dict[str, Any]:
     """The lr search on the parent run: every search trial's loss and each cell's chosen rate
     (CSV and a plot of the best rate against size, one line per scheme/plan), edge warnings
@@ -194,6 +219,7 @@ def report_study(study, trials: list[TrialConfig], parent_run_id: str, uri: str,
         front = frontier.write_frontier(rows, d)  # plans compared at equal deployable bytes
         law = frontier.write_precision_law(rows, d)
         tracking.log_artifact(uri, parent_run_id, d, "results")
+    log_tables(uri, parent_run_id, rows, front["frontier"])
     statuses = [r["status"] for r in rows]
     for name, value in ((M.STUDY_TRIALS, len(rows)), (M.STUDY_FINISHED, statuses.count("FINISHED")),
                         (M.STUDY_FAILED, statuses.count("FAILED")),

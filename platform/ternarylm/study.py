@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ternarylm import metrics as M
-from ternarylm import tracking
+from ternarylm import run_inputs, tracking
 from ternarylm.analysis import has_ternary_layers
 from ternarylm.identity import NUMERICS_VERSIONS
 from ternarylm.config import ConfigError, TrialConfig, _build, load_yaml, ternarylm_home
@@ -398,13 +398,15 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
     for path in {t.storage_path for t in trials}:
         check_storage(path)
     address = ray_address()
-    for data in {repr(t.data): t.data for t in trials}.values():
-        prepare_data(data)  # once, here: trials find the cache
+    # Once, here: trials find the cache.
+    caches = [(d, prepare_data(d)) for d in {repr(t.data): t.data for t in trials}.values()]
     tracking.check_tracking(uri)
     with study_lock(study.name, uri, trials[0].storage_path):
         address = connect_ray(address)
         check_capacity(trials)
         parent = open_study_run(study, experiment, uri)
+        for data, cache in caches:  # the parent's Dataset column; the trials then find the rows
+            run_inputs.log_datasets(uri, parent, data, cache)
         try:
             summary = _train_and_report(study, cells, _TuneRun(study, parent, uri, experiment),
                                         address)
@@ -414,6 +416,8 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
             tracking.end_run(uri, parent, "KILLED", f"interrupted; unfinished: {unfinished}")
             raise
         tracking.end_run(uri, parent, "FINISHED")
+    print(f"MLflow: {tracking.ui_link(uri, tracking.ensure_experiment(experiment, uri))}",
+          flush=True)
     return summary
 
 

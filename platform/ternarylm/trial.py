@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ternarylm import metrics as M
-from ternarylm import plots, tracking
+from ternarylm import logged_model, plots, run_inputs, tracking
 from ternarylm.cluster import (check_capacity, check_storage, cluster_watch, connect_ray,
                                ray_address, storage_path)
 from ternarylm.config import TrialConfig
@@ -123,7 +123,7 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
     # Every check before the MLflow run exists: bad input leaves no run half made.
     check_storage(storage_path(cfg))
     address = ray_address()
-    prepare_data(cfg.data)  # fails on bad data before any worker starts; workers hit the cache
+    prepared = prepare_data(cfg.data)  # fails on bad data before any worker starts
     tracking.check_tracking(uri)
     address = connect_ray(address)
     check_capacity([cfg])
@@ -131,6 +131,7 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
     if finished is not None:
         return _existing_result(uri, finished)
     tracking.log_params(uri, run_id, cfg.flat())
+    run_inputs.log_datasets(uri, run_id, cfg.data, prepared)
     t1 = time.perf_counter()
     # Set before the trainer is built: its payload is the runtime pickled (`worker.payload`).
     runtime = TrialRuntime(uri, run_id, launched_at=time.time())
@@ -155,11 +156,15 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
         print(f"ternarylm: trial {cfg.run_name}: {run.data.tags[QUARANTINED_TAG]}",
               file=sys.stderr, flush=True)
     check_ending(uri, run, cfg.run_name)
+    t_model = time.perf_counter()
+    logged_model.log_trial_model(uri, run_id, cfg)
+    model_s = time.perf_counter() - t_model
     finish_run(uri, run_id, cfg, run.data.metrics)
     seconds = {M.SETUP_S: t1 - t0, M.FIT_S: t2 - t1, M.FINISH_S: time.perf_counter() - t2}
     loop = (result.metrics or {}).get(M.TRAIN_LOOP_S)
     if loop is not None:  # absent when resumed at the last step
         seconds[M.OUTSIDE_TRAINING_S] = sum(seconds.values()) - loop
+    seconds[M.LOGGED_MODEL_S] = model_s
     tracking.log_at_last_step(uri, run_id, seconds)
     return TrialResult(run_id, cfg.key(), "FINISHED",
                        M.finals(tracking.client(uri).get_run(run_id).data.metrics),
