@@ -186,7 +186,8 @@ def trial_runs(uri: str) -> dict[str, object]:
     """The study's trial runs by trial key."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ternarylm")
-    return {r.data.tags["ternarylm.trial_key"]: r for r in client.search_runs([exp.experiment_id])
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    return {r.data.tags["ternarylm.trial_key"]: r for r in runs
             if "ternarylm.trial_key" in r.data.tags}
 
 
@@ -198,11 +199,11 @@ def test_cohort_members_match_their_solo_trials(tmp_path, tinystories, ray_head,
     config = cohort_study(tmp_path / "study.yaml", tinystories, "cohorts", tokens=6144)
     env = {**os.environ, **ray_head}
     uris = {mode: f"sqlite:///{tmp_path / mode}.db" for mode in ("cohort", "solo")}
-    took = {}
+    took, stdout = {}, {}
     for mode, args in (("cohort", ()), ("solo", ("--no-cohorts",))):
         started = time.perf_counter()
         out = study(config, env, uris[mode], *args)
-        took[mode] = time.perf_counter() - started
+        took[mode], stdout[mode] = time.perf_counter() - started, out.stdout
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
         assert len(json.loads(out.stdout.strip().splitlines()[-1])["trained"]) == 4
     print(f"study wall: cohorts {took['cohort']:.1f} s, solo {took['solo']:.1f} s")
@@ -213,6 +214,8 @@ def test_cohort_members_match_their_solo_trials(tmp_path, tinystories, ray_head,
     for key, run in cohort.items():
         alone = solo[key]
         assert run.info.status == alone.info.status == "FINISHED"
+        steps = int(run.data.params["train.steps"])  # one progress line per evaluation
+        assert stdout["cohort"].count(f"{run.info.run_name}: step {steps}/{steps} ") == 1
         assert set(run.data.metrics) == set(alone.data.metrics), key
         a, b = run.data.metrics["final/val/loss"], alone.data.metrics["final/val/loss"]
         print(f"{run.info.run_name}: cohort {a:.6f} solo {b:.6f} rel {abs(a - b) / b:.2e}")
@@ -241,12 +244,30 @@ def cluster_processes(ray_head: dict, marker: str) -> list[psutil.Process]:
             and os.getsid(p.pid) == sid]
 
 
+def wait_and_kill_the_worker(uri: str, proc: subprocess.Popen, ray_head: dict) -> None:
+    """Once both members logged step 200 (metrics reach MLflow just before each checkpoint,
+    every 100 steps: the step-100 checkpoint is stored), SIGKILL the cohort's one worker."""
+    client = MlflowClient(uri)
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        runs = trial_runs(uri) if Path(uri.removeprefix("sqlite:///")).exists() else {}
+        steps = [max((m.step for m in client.get_metric_history(r.info.run_id, "train/loss")),
+                     default=0) for r in runs.values()]
+        if len(steps) == 2 and min(steps) >= 200:
+            break
+        time.sleep(0.5)
+    workers = cluster_processes(ray_head, "RayTrainWorker")
+    assert len(workers) == 1, workers  # one worker group trains both members
+    workers[0].send_signal(signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_killed_cohort_worker_resumes_every_member(tmp_path, tinystories, ray_head):
-    """A cohort's worker killed after its first checkpoint: the worker group restarts, every
-    member resumes at the checkpoint's step, and each member's metrics have no gap or repeat."""
+    """A cohort's worker killed after a checkpoint: the worker group restarts, every member
+    resumes at the cohort's checkpoint step, and each member's metrics have no gap or repeat."""
     config = cohort_study(tmp_path / "study.yaml", tinystories, "resume", tokens=64 * 8 * 400,
-                          plans=["all_ternary"], cohort_size=2)
+                          plans=["all_ternary"], cohort_size=2, evals_per_trial=4)
     raw = yaml.safe_load(config.read_text())
     raw["trial"]["max_failures"] = 2
     config.write_text(yaml.safe_dump(raw))
@@ -255,25 +276,57 @@ def test_killed_cohort_worker_resumes_every_member(tmp_path, tinystories, ray_he
                              str(config), "--json"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **ray_head, "MLFLOW_TRACKING_URI": uri})
-    deadline = time.time() + 400
-    while time.time() < deadline:  # past the step-200 checkpoint (every = 400 // 2)
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        runs = trial_runs(uri) if Path(uri.removeprefix("sqlite:///")).exists() else {}
-        steps = [max((m.step for m in MlflowClient(uri).get_metric_history(
-            r.info.run_id, "train/loss")), default=0) for r in runs.values()]
-        if len(steps) == 2 and min(steps) >= 220:
-            break
-        time.sleep(0.5)
-    workers = cluster_processes(ray_head, "RayTrainWorker")
-    assert len(workers) == 1, workers  # one worker group trains both members
-    workers[0].send_signal(signal.SIGKILL)
-    out, err = proc.communicate(timeout=600)
+    try:
+        wait_and_kill_the_worker(uri, proc, ray_head)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()  # a failed wait leaves no study running
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    client = MlflowClient(uri)
     runs = trial_runs(uri)
     assert len(runs) == 2
-    client = MlflowClient(uri)
+    resumed = {int(r.data.tags["ternarylm.resumed_from_step"]) for r in runs.values()}
+    assert len(resumed) == 1 and resumed <= {100, 200, 300}, resumed
     for run in runs.values():
         assert run.info.status == "FINISHED"
-        assert int(run.data.tags["ternarylm.resumed_from_step"]) == 200
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert steps == list(range(10, 401, 10)), run.info.run_name
+        evals = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+        assert evals == [100, 200, 300, 400], run.info.run_name
+
+
+DIVERGING_COHORT = """
+import json, sys
+from ternarylm.cohort import run_cohort
+from ternarylm.config import TrialConfig
+base = json.loads(sys.argv[1])
+nan = {**base, "seed": 1, "train": {**base["train"], "inject_nan_at_step": 3}}
+results = run_cohort([TrialConfig.from_dict(base), TrialConfig.from_dict(nan)])
+print(json.dumps([[r.status, r.failure] for r in results]))
+"""
+
+
+@pytest.mark.slow
+def test_a_diverging_member_fails_and_the_others_finish(tmp_path, tinystories, ray_head):
+    trial = {"size": "pico", "plan": "all_ternary", "seq_len": 32, "max_failures": 0,
+             "data": {"source": str(tinystories), "tokenizer": "char"},
+             "storage_path": str(tmp_path / "runs"),
+             "train": {"steps": 8, "micro_batch": 4, "warmup_steps": 1, "eval_every": 4,
+                       "checkpoint_every": 4, "log_every": 1, "eval_max_tokens": 1024,
+                       "train_sample_tokens": 1024}}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = subprocess.run([sys.executable, "-c", DIVERGING_COHORT, json.dumps(trial)],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **ray_head, "MLFLOW_TRACKING_URI": uri})
+    assert out.returncode == 0, out.stderr[-3000:]
+    (ok, ok_failure), (bad, bad_failure) = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (ok, ok_failure, bad) == ("FINISHED", None, "FAILED")
+    assert "diverged: loss became nan at step 3" in bad_failure
+    client = MlflowClient(uri)
+    runs = sorted(trial_runs(uri).values(), key=lambda r: r.data.params["seed"])
+    assert [r.info.status for r in runs] == ["FINISHED", "FAILED"]
+    losses = [[m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
+              for r in runs]
+    assert losses == [list(range(1, 9)), [1, 2, 3]]
+    assert "final/val/loss" in runs[0].data.metrics
+    assert not any(k.startswith("final/") for k in runs[1].data.metrics)

@@ -111,11 +111,13 @@ class _CohortLoop:
                 for m in self.live:
                     metrics[m] |= self.rates[m].metrics(step, losses[m], lrs[m], rate)
                 window_start, window_tokens = time.perf_counter(), 0
+            report = {"step": step, "members_live": float(len(self.live))}
             evaluated = step % t.eval_every == 0 or step == t.steps
             if evaluated:
                 for m, values in self.evaluate().items():
                     metrics[m] |= values
-            report = {"step": step, "members_live": float(len(self.live))}
+                    # The study's progress line of each member (`<metric>/<member>`).
+                    report |= {f"{k}/{m}": values[k] for k in (M.VAL_LOSS, M.VAL_BPB)}
             if step == t.steps:  # the driver reads the loop's time from the last report
                 report[M.TRAIN_LOOP_S] = time.perf_counter() - loop_start
                 for m in self.live:

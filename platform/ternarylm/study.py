@@ -331,18 +331,22 @@ def _study_callback(experiment: str, uri: str, clock: StudyClock):
             if line:
                 print(f"[{clock.line()}] {line}", flush=True)
 
-        def _line(self, trial, text: str) -> None:
-            print(f"[{clock.line()}] {_trial_name(trial)}: {text}", flush=True)
-
         def on_trial_start(self, iteration, trials, trial, **info):
             clock.start(_trial_name(trial))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             # The trial's closing report (it carries `skipped`) repeats its last evaluation.
-            if M.VAL_LOSS in result and M.VAL_BPB in result and "skipped" not in result:
-                steps = trial.config["trial"]["steps"]
-                self._line(trial, f"step {int(result['step'])}/{steps}  {M.VAL_LOSS} "
-                                  f"{result[M.VAL_LOSS]:.4f}  {M.VAL_BPB} {result[M.VAL_BPB]:.4f}")
+            if "skipped" in result:
+                return
+            steps, members = trial.config["trial"]["steps"], trial.config["trial"]["members"]
+            for i, member in enumerate(members):
+                # A cohort reports member i's evaluation as `<metric>/<i>`.
+                suffix = "" if len(members) == 1 else f"/{i}"
+                loss, bpb = result.get(M.VAL_LOSS + suffix), result.get(M.VAL_BPB + suffix)
+                if loss is not None and bpb is not None:
+                    print(f"[{clock.line()}] {member['name']}: step {int(result['step'])}/"
+                          f"{steps}  {M.VAL_LOSS} {loss:.4f}  {M.VAL_BPB} {bpb:.4f}",
+                          flush=True)
 
         def _close(self, trial, status: str, reason: str) -> None:
             """One line per member of the ended Tune trial (a trial, or a cohort's members)."""
