@@ -8,8 +8,8 @@ start-up out of the wall times. Per mode it reports:
 
     wall_s               the study's wall time (process start to end)
     trials_per_hour      N / wall_s x 3600
-    step_s_per_member    the training loop's seconds per step, per trial (a cohort's loop
-                         time shared by its members)
+    step_s_per_member    the training loop's seconds (evaluations included) per step, per
+                         trial (a cohort's loop time shared by its members)
     outside_loop_s       per trial: the study's view of the trial's wall time less its loop
                          (a cohort's launch shared by its members)
     val_bpb              each trial's final validation bits per byte, by seed
