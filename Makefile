@@ -13,7 +13,7 @@ STUDY_ARGS ?=
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TERNARYLM_SHARED_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup study test
+.PHONY: setup study test test-fast
 
 setup: $(VENV)/.installed
 
@@ -28,3 +28,7 @@ study: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The unit tier: everything but the tests marked slow (Ray clusters, trials, long statistics).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"

@@ -9,29 +9,24 @@ line holding them all:
     python benchmarks/gpu_check.py --cpu-rehearsal --out DIR   # same script, pico, CPU, gloo
 
 step time, tokens/s and MFU are the trial's own `perf/*` metrics (the last log window, no
-evaluation inside), peak memory its `memory/peak_cuda_bytes`; ternary/FP is the ratio of the
-two trials' step times. Installs what is missing itself: `pip install -e .` (from --wheels
-when the machine has no network). Without a GPU it says so and exits 2, unless
---cpu-rehearsal, which runs every step on the CPU at the pico size (fp32, gloo) so that all but
-the GPU is known to work. With --out DIR (default $OUT when set) each case's figures are appended
-to DIR/gpu_check.jsonl as soon as they exist: a run cut short still returns what it measured.
-Runs `python -m ternarylm.cli`, not the console script: on the GPU machine the package is on
-PYTHONPATH, not installed.
+evaluation inside), peak memory its `memory/peak_cuda_bytes`; ternary/FP is the ratio of the two
+trials' step times. Installs what is missing itself: with --wheels, the set
+`benchmarks/gpu_wheels.py` builds (the GPU machine has no registry), else `pip install -e .`.
+Without a GPU it says so and exits 2, unless --cpu-rehearsal, which runs every step on the CPU
+at the pico size (fp32, gloo) so that all but the GPU is known to work. With --out DIR (default
+$OUT when set) each case's figures are appended to DIR/gpu_check.jsonl as soon as they exist: a
+run cut short still returns what it measured. Runs `python -m ternarylm.cli`, not the console
+script: on the GPU machine the package is on PYTHONPATH, not installed.
 """
 
+import argparse
+import json
 import os
+import subprocess
 import sys
-
-# benchmarks/tokenize.py shadows the stdlib module `tokenize`: drop this folder from the path.
-sys.path = [p for p in sys.path
-            if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+import time
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -39,14 +34,25 @@ SAMPLE = SAMPLE / "tinystories" / "tinystories_sample.txt"
 
 
 def ensure_installed(wheels: str | None) -> None:
+    """ternarylm and what it needs importable here and in every process this starts (Ray's
+    workers included, through PYTHONPATH): with --wheels, the set `gpu_wheels.py` built,
+    unpacked with no index beside this checkout's package (the GPU machine has no registry and
+    installs nothing system-wide); without, `pip install -e` where ternarylm is missing."""
+    if wheels:
+        site = Path(tempfile.gettempdir()) / "ternarylm-gpu-site"
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                        "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site),
+                        *map(str, sorted(Path(wheels).glob("*.whl")))], check=True)
+        paths = [str(REPO / "platform"), str(site)]
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
+        sys.path[:0] = paths
+        return
     try:
         import ternarylm  # noqa: F401
-        return
     except ImportError:
-        pass
-    extra = ["--no-index", "--find-links", wheels] if wheels else []
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *extra, "-e", str(REPO)],
-                   check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(REPO)],
+                       check=True)
 
 
 CLI = [sys.executable, "-m", "ternarylm.cli"]
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(SAMPLE), help="a .txt/.jsonl/.parquet corpus")
     parser.add_argument("--tokenizer", default="bpe:30522",
                         help="bpe:30522 has the paper's vocabulary size and needs no hub")
-    parser.add_argument("--wheels", help="folder of wheels for an offline install")
+    parser.add_argument("--wheels", help="the wheel set benchmarks/gpu_wheels.py builds, for a "
+                        "machine with no registry")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--out", default=os.environ.get("OUT"),
                         help="folder for gpu_check.jsonl, one line per case (default $OUT)")

@@ -14,20 +14,16 @@ With --json the last line is {"sizes": [{"size", "fp32_bytes", "packed_bytes", "
 """
 
 import os
-import sys
 
-# benchmarks/tokenize.py shadows the stdlib module `tokenize` (imported by torch); drop this
-# script's directory from the path so that imports find the real one.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
 
-from ternarylm import cpu_kernels  # noqa: E402
-from ternarylm.footprint import (decode_times, resident_bytes, ternary_ratio,  # noqa: E402
+from ternarylm import cpu_kernels
+from ternarylm.footprint import (decode_times, resident_bytes, ternary_ratio,
                                  write_models)
 
 

@@ -33,31 +33,28 @@ With --json the last line is one JSON object of every figure.
 import os
 import sys
 
-# benchmarks/tokenize.py shadows the stdlib module `tokenize` (imported by torch); drop this
-# script's directory from the path so that imports find the real one.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import importlib
+import json
+import math
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from ternarylm.artifacts import load_trained, save_trained  # noqa: E402
-from ternarylm.config import TrialConfig  # noqa: E402
-from ternarylm.data import build_tokenizer, eos_id  # noqa: E402
-from ternarylm.export import export_gguf, exported_layers  # noqa: E402
-from ternarylm.model import TernaryLM, model_config  # noqa: E402
-from ternarylm.inference import load_packed  # noqa: E402
-from ternarylm.packing import pack_model  # noqa: E402
-from ternarylm.plans import apply_plan  # noqa: E402
+from ternarylm.artifacts import load_trained, save_trained
+from ternarylm.config import TrialConfig
+from ternarylm.data import build_tokenizer, eos_id
+from ternarylm.export import export_gguf
+from ternarylm.model import TernaryLM, model_config
+from ternarylm.inference import load_packed
+from ternarylm.packing import pack_model
+from ternarylm.plans import apply_plan, convert
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared" / "data")
@@ -227,8 +224,8 @@ def fp32_packed(trained, path: Path) -> Path:
     """Our FP32 reference: the same model, every weight dequantized (codes x scales) and
     packed as floats, run by the same inference code."""
     fp32 = TernaryLM(trained.model.cfg)
-    fp32.load_state_dict({f"{name}.weight": layer.weight
-                          for name, layer in exported_layers(trained.model).items()})
+    fp32.load_state_dict({f"{name}.weight": layer.dequantized()
+                          for name, layer in convert(trained.model).items()})
     return pack_model(fp32, path, trained.tokenizer, trained.eos_id, embedding_dtype="fp32").path
 
 

@@ -30,26 +30,22 @@ from __future__ import annotations
 import os
 import sys
 
-# benchmarks/tokenize.py shadows the stdlib module that Ray and torch import: drop the script's
-# folder from the path (as benchmarks/tokenize.py does).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import contextlib
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
 
-import yaml  # noqa: E402
+import yaml
 
-from ternarylm.cluster import free_port, session_processes, stop_session  # noqa: E402
+from ternarylm.cluster import free_port, session_processes, stop_session
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "cluster" / "aws.yaml"

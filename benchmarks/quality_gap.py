@@ -38,23 +38,19 @@ from __future__ import annotations
 import os
 import sys
 
-# This directory holds benchmarks/tokenize.py, which would shadow the standard library's
-# `tokenize` (imported by inspect, hence by torch) when this file is run as a script.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
 
-from ternarylm import metrics as M  # noqa: E402
-from ternarylm.config import TrialConfig  # noqa: E402
-from ternarylm.errors import UserError  # noqa: E402
-from ternarylm.frontier import markdown  # noqa: E402
-from ternarylm.recipes import RECIPES, recipe_overrides  # noqa: E402
-from ternarylm.study import merge  # noqa: E402
+from ternarylm import metrics as M
+from ternarylm.config import TrialConfig
+from ternarylm.errors import UserError
+from ternarylm.frontier import markdown
+from ternarylm.recipes import RECIPES, recipe_overrides
+from ternarylm.study import merge
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared" / "data"))

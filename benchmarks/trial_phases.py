@@ -27,10 +27,6 @@ from __future__ import annotations
 import os
 import sys
 
-# This directory holds benchmarks/tokenize.py, which would shadow the standard library's
-# `tokenize` when this file is run as a script.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
 
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""The TernaryLM paper's five claims, re-measured, with a verdict per claim (ternarylm.claims).
+"""The TernaryLM paper's five claims, re-measured, with a verdict per claim (studies/claims.py).
 
     python studies/paper_claims.py                          # --preset laptop: 2 CPU cores
     python studies/paper_claims.py --preset paper --dry-run # the paper's scale: trials, GPU-hours
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from scaling import print_table, shared_sample
 
-from ternarylm.claims import ClaimsConfig, plan_power, run_claims
+from claims import ClaimsConfig, plan_power, run_claims
 from ternarylm.config import ConfigError, load_yaml
 from ternarylm.errors import UserError
 from ternarylm.study import trial_table

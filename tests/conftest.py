@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,14 @@ from ternarylm.cluster import free_port, stop_session
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared" / "data"))
 TINYSTORIES = SHARED_DATA / "tinystories" / "tinystories_sample.txt"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on a Ray head is slow, marked or not: `make test-fast` (-m "not slow") is the
+    unit tier, `make test` (CI) runs both."""
+    for item in items:
+        if "ray_head" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -100,6 +109,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path) -> Iterator[str]:
+    """A real `mlflow server` (REST API, proxied artifacts) over a SQLite store in tmp_path:
+    its URL, the tracking URI a client uses. Started by benchmarks/mlflow_ui_screenshot.py's
+    helper, loaded by path (benchmarks/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "mlflow_ui_screenshot", REPO / "benchmarks" / "mlflow_ui_screenshot.py")
+    screenshot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshot)
+    with screenshot.mlflow_server(f"sqlite:///{tmp_path / 'server.db'}",
+                                  str(tmp_path / "server-artifacts")) as base:
+        yield base
 
 
 @pytest.fixture

@@ -63,10 +63,9 @@ def pilot(tinystories, tmp_path_factory) -> Path:
 def block_average_bits(plan: PrecisionPlan, source: Path) -> float:
     """Parameter-weighted storage bits of the block linears, from the plan's resolved formats."""
     trained = load_trained(source)
-    names = [n for n, m in trained.model.named_modules() if isinstance(m, torch.nn.Linear)]
-    formats = plan.resolve(names, trained.model.cfg.n_layers, trained.trial.scheme)
-    weights = {n: trained.model.get_submodule(n).weight.numel() for n in names
-               if n.startswith("blocks.")}
+    table = trained.model.cfg.layer_table()
+    formats = plan.resolve(table, trained.model.cfg.n_layers, trained.trial.scheme)
+    weights = {s.name: s.numel for s in table if s.kind == "linear" and s.block is not None}
     return sum(format_bits(formats[n]) * w for n, w in weights.items()) / sum(weights.values())
 
 

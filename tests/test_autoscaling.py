@@ -24,8 +24,7 @@ from ternarylm.cluster import session_processes, stop_session
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "local_autoscaling.py"
-# Loaded by path: benchmarks/ is no package, and on sys.path its tokenize.py would shadow the
-# standard library's.
+# Loaded by path: benchmarks/ is a folder of scripts, not a package.
 _spec = importlib.util.spec_from_file_location("local_autoscaling", SCRIPT)
 local_autoscaling = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(local_autoscaling)

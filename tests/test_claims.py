@@ -8,19 +8,17 @@ import dataclasses
 import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from scipy import stats
 
-from ternarylm import claims
-from ternarylm.claims import (CANNOT_TELL, CLAIMS, CONTRADICTS, SUPPORTS, ClaimsConfig, Footprint,
-                              GlueEvidence, Scale)
+import claims  # studies/claims.py: the study's own module (pytest's pythonpath has studies/)
+from claims import CLAIMS, ClaimsConfig, Footprint, GlueEvidence, Scale
+from ternarylm import verdicts
+from ternarylm.verdicts import CANNOT_TELL, CONTRADICTS, SUPPORTS
 from ternarylm.errors import UserError
-from ternarylm.glue import glue_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "studies" / "configs"
@@ -45,23 +43,23 @@ def rows_of(plan: str, scheme: str, key: str, values: list[float], **kw) -> list
 
 def test_tost_and_one_sided_tests_match_scipy():
     values = [58.0, 58.6, 58.3, 58.9]
-    test = claims.band_test(values, 55.5, 61.3, "ppl")
+    test = verdicts.band_test(values, 55.5, 61.3, "ppl")
     lo = stats.ttest_1samp(values, 55.5, alternative="greater").pvalue
     hi = stats.ttest_1samp(values, 61.3, alternative="less").pvalue
     assert test.p_supports == pytest.approx(max(lo, hi)) and test.outcome == SUPPORTS
     # No spread: the mean is known exactly, so the sign of the difference decides.
-    assert claims.above_test([0.3] * 3, 0.2, "x").outcome == SUPPORTS
-    assert claims.above_test([0.1] * 3, 0.2, "x").outcome == CONTRADICTS
-    assert claims.above_test([0.3], 0.2, "x").outcome == CANNOT_TELL  # one seed: no test
+    assert verdicts.above_test([0.3] * 3, 0.2, "x").outcome == SUPPORTS
+    assert verdicts.above_test([0.1] * 3, 0.2, "x").outcome == CONTRADICTS
+    assert verdicts.above_test([0.3], 0.2, "x").outcome == CANNOT_TELL  # one seed: no test
 
 
 def test_seeds_needed_is_a_t_test_power_calculation():
     # One-sample one-sided t test, effect = 1 sd, alpha 0.05, power 0.8: n = 8 (the usual
     # tables; n = 7 gives 0.77).
-    assert claims.seeds_needed([1.0], 1.0) == 8
+    assert verdicts.seeds_needed([1.0], 1.0) == 8
     # Two-sample, d = 1 per group: 14 (G*Power: 14 for one-sided alpha 0.05, power 0.8).
-    assert claims.seeds_needed([1.0], 1.0, two_sample=True) == 14
-    assert claims.seeds_needed([0.0], 1.0) is None  # an effect on the bound: no seeds decide
+    assert verdicts.seeds_needed([1.0], 1.0, two_sample=True) == 14
+    assert verdicts.seeds_needed([0.0], 1.0) is None  # an effect on the bound: no seeds decide
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +100,7 @@ def test_claim1_two_noisy_seeds_cannot_tell_and_say_how_many_would():
 
 
 def test_claim1_interval_is_a_t_interval():
-    interval = claims.seed_interval([1.0, 2.0, 3.0])
+    interval = verdicts.seed_interval([1.0, 2.0, 3.0])
     assert interval.mean == 2.0 and interval.std == 1.0 and interval.n == 3
     assert interval.hi - interval.mean == pytest.approx(4.3027 / 3 ** 0.5, rel=1e-4)
 
@@ -342,11 +340,7 @@ def test_report_holds_every_claim_column_and_what_would_decide():
 
 @pytest.fixture(scope="module")
 def paper_claims():
-    sys.path.insert(0, str(REPO / "studies"))
-    try:
-        yield importlib.import_module("paper_claims")
-    finally:
-        sys.path.remove(str(REPO / "studies"))
+    return importlib.import_module("paper_claims")
 
 
 def expected_trials(study: dict) -> int:
@@ -470,6 +464,7 @@ def trained_dir(root: Path, plan: str) -> Path:
     return save_trained(root / plan, model, trial, formats, tok, eos_id(tok))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_GLUE / "MRPC" / "dev.tsv").is_file(),
                     reason="MRPC not found in the shared data")
 def test_evidence_from_trained_models_and_report_on_mlflow(tmp_path, mlflow_uri, one_torch_thread):

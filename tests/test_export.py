@@ -237,16 +237,16 @@ def assert_bitnet_layers(model: TernaryLM, hf) -> None:
     and scale; every float layer is a plain nn.Linear holding our weight."""
     from transformers.integrations.bitnet import AutoBitLinear
 
-    from ternarylm.export import _HF_BITNET_NAMES, _split, exported_layers
+    from ternarylm.plans import convert
 
-    for name, layer in exported_layers(model).items():
-        block, part = _split(name)
-        key = _HF_BITNET_NAMES[part].format(i=block).removesuffix(".weight")
+    for name, layer in convert(model).items():
+        key = layer.spec.hf_name.removesuffix(".weight")
         if key == "lm_head" and hf.config.tie_word_embeddings:
             continue
         module = hf.get_submodule(key)
         if layer.quantized is None:
-            assert type(module) in (torch.nn.Linear, torch.nn.Embedding) or layer.format == "norm"
+            assert (type(module) in (torch.nn.Linear, torch.nn.Embedding)
+                    or layer.spec.kind == "norm")
             assert torch.equal(module.weight, layer.weight), name
         else:
             assert isinstance(module, AutoBitLinear) and not module.online_quant, name
@@ -373,7 +373,8 @@ def gguf_tensors(reader) -> dict[str, tuple[str, np.ndarray]]:
 def test_gguf_stores_codes_times_fp16_scale(qtype, small, tmp_path, tokenizer, corpus, capfd):
     import gguf
 
-    from ternarylm.export import exported_layers, gguf_tensor_name, permute_rope
+    from ternarylm.export import permute_rope
+    from ternarylm.plans import convert
 
     model, directory = small
     out = tmp_path / "model.gguf"
@@ -386,8 +387,8 @@ def test_gguf_stores_codes_times_fp16_scale(qtype, small, tmp_path, tokenizer, c
     tensors = gguf_tensors(reader)
     cfg, n_heads = model.cfg, model.cfg.n_heads
     ternary = 0
-    for name, layer in exported_layers(model).items():
-        gname = gguf_tensor_name(name)
+    for name, layer in convert(model).items():
+        gname = layer.spec.gguf_name
         kind, values = tensors[gname]
         assert list(values.shape) == list(layer.weight.shape), gname
         if layer.quantized is None or name.endswith("mlp.down"):

@@ -257,8 +257,10 @@ def test_cli_fit_joint(tmp_path: Path, capsys):
         "E", "A", "alpha", "f[absmean/all_ternary]", "f[int4]", "f[int8]"}
     assert [b["budget_bytes"] for b in out["budgets"]] == [3e5, 2e6]
     assert set(out["budgets"][0]["p_beats"]["int8"]) == {"fp", "absmean/all_ternary", "int4"}
+    assert out["ci_method"] == "parametric" and 0 <= out["boot_failed"] <= 1  # one seed a cell
     assert main(["fit", str(path), "--joint", "--budget", "1e6", "--bootstrap", "0"]) == 0
-    assert "best:" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "best:" in text and "no intervals (--bootstrap 0)" in text
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -23,7 +23,7 @@ from ternarylm.config import TrialConfig
 from ternarylm.data import DataError, build_tokenizer, eos_id
 from ternarylm.glue import GlueData, GlueDataError, GlueError, GlueSettings
 from ternarylm.model import TernaryLM
-from ternarylm.plans import apply_plan
+from ternarylm.plans import apply_plan, convert
 from ternarylm.quantizers import QuantLinear
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,7 +297,7 @@ def test_finetune_keeps_precision_plan_and_scores_against_baseline(model_dir):
     # Precision plan kept: the same QuantLinear modules and formats, still ternary codes.
     lm = result.model.lm
     assert lm is trained.model and result.formats_kept and result.quant_linears == n_quant
-    assert glue.layer_formats(lm) == planned and ternary_codes_ok(lm)
+    assert glue.layer_formats(convert(lm)) == planned and ternary_codes_ok(lm)
     assert type(result.model.classifier) is torch.nn.Linear  # the new head stays fp
     changed = [k for k, v in lm.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("blocks.") for k in changed)  # the LM itself was fine-tuned

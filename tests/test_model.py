@@ -235,6 +235,7 @@ def bigram_entropy_nats(data: np.ndarray) -> float:
 @pytest.mark.parametrize("scheme, plan", [(s, "all_ternary") for s in TERNARY_SCHEMES
                                           if not s.startswith("trilm_mp")]
                          + [("absmean", "fp")])
+@pytest.mark.slow
 def test_tiny_model_learns(text, one_torch_thread, scheme, plan):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

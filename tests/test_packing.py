@@ -8,6 +8,9 @@ directory, as `ternarylm pack` does with a finished trial.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -206,6 +209,18 @@ def test_cpu_kernels_equal_torch_int8_matmul(case, monkeypatch):
         x = torch.randn(m, k, generator=g) * 3
         expected = Int8Linear(codes, scale, bits)(x)
         assert torch.equal(KernelLinear.from_codes(codes, scale, bits, fmt)(x), expected)
+
+
+def test_kernel_source_compiles_without_warnings(tmp_path):
+    """The C kernels build with every common warning as an error, with the flags they load
+    with: a warning there is a bug the first user's compiler may turn into a crash."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        pytest.skip("no C compiler")
+    built = subprocess.run([cc, *cpu_kernels.FLAGS, "-Wall", "-Wextra", "-Werror",
+                            str(cpu_kernels.SOURCE_PATH), "-o", str(tmp_path / "k.so"), "-lm"],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
 
 
 def test_quantize_tokens_is_trainings_activation_quantization():

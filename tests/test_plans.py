@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 import torch.nn as nn
-from ternarylm.model import ModelConfig, TernaryLM
+from ternarylm.model import LayerSpec, ModelConfig, TernaryLM
 from ternarylm.plans import PRESETS, PlanError, PrecisionPlan, apply_plan, preset
 from ternarylm.quantizers import TERNARY_SCHEMES, QuantEmbedding, QuantLinear
 
@@ -18,12 +18,10 @@ ATTN = ("q", "k", "v", "o")
 MLP = ("gate", "up", "down")
 
 
-def names(n_layers: int) -> list[str]:
-    """Qualified linear names of a TernaryLM, written out from the model's structure."""
-    out = []
-    for i in range(n_layers):
-        out += [f"blocks.{i}.attn.{p}" for p in ATTN] + [f"blocks.{i}.mlp.{p}" for p in MLP]
-    return out + ["head"]
+def names(n_layers: int) -> list[LayerSpec]:
+    """The layer table of a small TernaryLM (what `resolve` reads)."""
+    return ModelConfig(width=16, n_layers=n_layers, n_heads=2, vocab_size=32,
+                       seq_len=8).layer_table()
 
 
 def small_model(n_layers: int, tie_head: bool = False) -> TernaryLM:
@@ -44,9 +42,11 @@ def expected(n_layers: int, block_format: dict[int, str], head: str = "fp") -> d
     return out
 
 
-def test_linear_names_match_the_model():
+def test_layer_table_linears_are_the_models():
     model = small_model(3)
-    assert sorted(n for n, m in model.named_modules() if type(m) is nn.Linear) == sorted(names(3))
+    table = [s.name for s in names(3) if s.kind == "linear"]
+    assert table == [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert set(table) == set(expected(3, dict.fromkeys(range(3), "fp")))
 
 
 # --- presets -----------------------------------------------------------------------------------

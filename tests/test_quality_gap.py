@@ -17,8 +17,7 @@ from ternarylm.study import StudyConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "quality_gap.py"
-# Loaded by path: benchmarks/ is no package, and on sys.path its tokenize.py would shadow the
-# standard library's.
+# Loaded by path: benchmarks/ is a folder of scripts, not a package.
 _spec = importlib.util.spec_from_file_location("quality_gap", SCRIPT)
 qg = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(qg)

@@ -19,6 +19,7 @@ from ternarylm.quantizers import (
     FORMATS,
     FP,
     TERNARY_SCHEMES,
+    TRILM_SHARDS,
     TWN,
     WEIGHT_FORMATS,
     AbsMean,
@@ -60,18 +61,32 @@ def close(a, b, tol=1e-6) -> None:
 
 # --- registry ----------------------------------------------------------------------------------
 
-def test_registry_names_bits_and_ternary_flags():
-    assert set(TERNARY_SCHEMES) == {"absmean", "absmean_channel", "twn", "learned", "trilm",
-                                    "trilm_mp2", "trilm_mp3", "trilm_mp6", "paretoq"}
-    assert [WEIGHT_FORMATS[f"trilm_mp{n}"].n_shards for n in (2, 3, 6)] == [2, 3, 6]
+@pytest.mark.parametrize("name", WEIGHT_FORMATS)
+def test_every_registered_format_keeps_its_declared_bits_and_flags(name):
+    """What each format declares (its bits, whether it is ternary) is what its quantizer does:
+    codes fit in `bits` signed bits, a ternary scheme's codes are -1, 0 and 1 with all three
+    used, an integer format's absmax scale maps each row's largest weight to its largest code,
+    and the dequantized weight is codes times scale, as packing stores it."""
+    quantizer = WEIGHT_FORMATS[name]()
+    weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    quantizer.init_from(weight)
+    q = quantizer.quantize(weight)
+    qmax = 2 ** (format_bits(name) - 1) - 1
+    assert q.bits == format_bits(name) and q.codes.dtype == torch.int8
+    assert q.codes.abs().max() <= max(qmax, 1)
+    assert (name in TERNARY_SCHEMES) == quantizer.ternary
+    if quantizer.ternary:
+        assert set(q.codes.unique().tolist()) == {-1, 0, 1}
+    else:
+        assert (q.codes.abs().amax(dim=1) == qmax).all()
+    assert torch.allclose(quantizer.dequantized(weight), q.codes.float() * q.scale, atol=1e-6)
+
+
+def test_trilm_shard_counts_follow_their_names():
+    for n in TRILM_SHARDS:
+        assert WEIGHT_FORMATS[f"trilm_mp{n}"].n_shards == n
     assert AbsMeanShards.n_shards == 1
-    assert set(WEIGHT_FORMATS) == {*TERNARY_SCHEMES, "int8", "int4", "int2"}
-    assert set(FORMATS) == {*WEIGHT_FORMATS, "fp"}
-    for name in TERNARY_SCHEMES:
-        assert format_bits(name) == 2
-    assert (format_bits("int8"), format_bits("int4"), format_bits("int2")) == (8, 4, 2)
-    assert format_bits(FP) == 16
-    assert not any(WEIGHT_FORMATS[n].ternary for n in ("int8", "int4", "int2"))
+    assert set(FORMATS) == {*WEIGHT_FORMATS, FP} and format_bits(FP) == 16
 
 
 # --- hand-computed codes and scales ------------------------------------------------------------

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -211,10 +210,8 @@ def test_tracking_uri_that_does_not_answer(tmp_path, tinystories):
     config.write_text(yaml.safe_dump(with_(TRIAL, data__source=str(tinystories))))
     from conftest import free_port
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
-    t0 = time.time()
-    out = run_cli(["train", "--config", str(config)], env)
+    out = run_cli(["train", "--config", str(config)], env)  # run_cli's timeout: no hang
     assert_refused(out, "does not answer", None)
-    assert time.time() - t0 < 120
 
 
 def test_more_workers_than_the_cluster_has(tmp_path, tinystories, ray_head, mlflow_uri):

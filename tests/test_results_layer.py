@@ -14,7 +14,7 @@ import torch
 
 from ternarylm import metrics as M
 from ternarylm import tracking
-from ternarylm.analysis import describe
+from ternarylm.footprint import describe
 from ternarylm.artifacts import save_trained
 from ternarylm.config import RUN_ONLY, TrainConfig, TrialConfig
 from ternarylm.data import DataConfig, build_tokenizer, eos_id, prepare_data
@@ -26,21 +26,32 @@ from ternarylm.study import StudyConfig, trial_table
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "ternarylm"
 
 
+def _metric_prefixes() -> list[str]:
+    """Every prefix a metric name starts with: the declared names' first parts, and the
+    families metrics.py builds names of (final/, GLUE's dev/baseline/delta, eval/, best/, fit/)."""
+    heads = {name.split("/")[0] for name in M.METRICS if "/" in name}
+    built = {M.SUMMARY_PREFIX, M.GLUE_DEV_PREFIX, M.GLUE_BASELINE_PREFIX, M.GLUE_DELTA_PREFIX,
+             M.EVAL_PREFIX, M.study_best("x", "y", "z"), M.study_fit("x", "y")}
+    return sorted(heads | {p.split("/")[0] for p in built})
+
+
 def test_metric_names_are_spelled_in_the_metrics_module_only():
-    """No other module writes a `final/` or `val/` metric name as a string literal."""
-    pattern = re.compile(r"^(final|val)/[A-Za-z0-9_./{}]*$")  # a whole name, or a prefix
+    """No other module of the package, subpackages included, writes a metric name (or the
+    prefix of a family of them) as a string literal."""
+    pattern = re.compile(rf"^({'|'.join(map(re.escape, _metric_prefixes()))})/[A-Za-z0-9_./{{}}]*$")
     offenders = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         if path.name == "metrics.py":
             continue
+        where = path.relative_to(PACKAGE)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 if pattern.match(node.value):
-                    offenders.append(f"{path.name}:{node.lineno}: {node.value!r}")
+                    offenders.append(f"{where}:{node.lineno}: {node.value!r}")
             if isinstance(node, ast.JoinedStr) and node.values:
                 first = node.values[0]
                 if isinstance(first, ast.Constant) and pattern.match(str(first.value)):
-                    offenders.append(f"{path.name}:{node.lineno}: f-string {first.value!r}")
+                    offenders.append(f"{where}:{node.lineno}: f-string {first.value!r}")
     assert offenders == []
 
 

@@ -10,11 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from ternarylm import tracking
+from ternarylm.data import DataConfig, prepare_data
 from ternarylm.errors import UserError
+from ternarylm.logged_model import find_model
 from ternarylm.study import StudyConfig, _reuses_actors, trial_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,12 +117,14 @@ def eval_runs(uri: str, trial_run_id: str) -> list:
 
 
 @pytest.mark.slow
-def test_rerun_trains_only_new_cells(tmp_path, tinystories, ray_head, monkeypatch):
+def test_rerun_trains_only_new_cells(tmp_path, tinystories, ray_head, mlflow_server):
     """A rerun trains only the added cell; every finished trial gets its lm-eval child run
-    (the study's eval option), once: the rerun does not evaluate the reused trial again."""
+    (the study's eval option), once: the rerun does not evaluate the reused trial again. On a
+    real `mlflow server` (REST API): each trial's dataset inputs, its logged model that loads
+    and generates, and the study's registration, idempotent."""
     from conftest import write_tasks
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_server
     env = {**os.environ, **ray_head, "MLFLOW_TRACKING_URI": uri}
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -147,6 +153,11 @@ def test_rerun_trains_only_new_cells(tmp_path, tinystories, ray_head, monkeypatc
     old = next(r for n, r in nano.items() if n.startswith("nano") and "-eval-" not in n)
     again = runs[old.info.run_name]
     assert again.info.run_id == old.info.run_id and again.info.end_time == old.info.end_time
+    digest = prepare_data(DataConfig(source=str(tinystories), tokenizer="char")).digest
+    # The parent lists the study's data once, though it ran twice (its Dataset column).
+    assert sorted((d.dataset.name.rsplit("/", 1)[1], d.dataset.digest)
+                  for d in runs["study-test"].inputs.dataset_inputs) == [
+        ("train", digest), ("validation", digest)]
     for run in (r for n, r in runs.items() if not n.startswith("study-")):
         # The study's view of the trial's time: its wall time holds the loop and the rest.
         m = run.data.metrics
@@ -156,6 +167,29 @@ def test_rerun_trains_only_new_cells(tmp_path, tinystories, ray_head, monkeypatc
         (child,) = eval_runs(uri, run.info.run_id)
         assert child.info.status == "FINISHED"
         assert child.data.metrics["eval/stories_ppl/bits_per_byte"] > 0, child.data.metrics
+        # Its data (the token cache, one digest for both splits: the trials share it), its
+        # model, loaded through the server and generating.
+        inputs = {d.dataset.name.rsplit("/", 1)[1]: d for d in run.inputs.dataset_inputs}
+        assert sorted(inputs) == ["train", "validation"], run.inputs
+        assert {d.dataset.digest for d in inputs.values()} == {digest}
+        assert {t.key: t.value for t in inputs["train"].tags}["mlflow.data.context"] == "train"
+        model = find_model(uri, run.info.run_id)
+        with tracking.global_uri(uri):
+            text = mlflow.pyfunc.load_model(f"models:/{model.model_id}").predict(
+                ["Once upon a time"], params={"max_new_tokens": 8, "seed": 0})
+        assert len(text) == 1 and text[0].startswith("Once upon a time") and len(text[0]) > 16
+    # Registration: one version per cell, and a rerun registers nothing again.
+    from ternarylm.registry import register_study
+    name = yaml.safe_load(config.read_text())["name"]
+    first_reg = register_study(name, uri=uri)
+    assert sorted(v["new"] for v in first_reg["versions"]) == [True, True]
+    again_reg = register_study(name, uri=uri)
+    assert [v["new"] for v in again_reg["versions"]] == [False, False]
+    assert ({v["version"] for v in again_reg["versions"]}
+            == {v["version"] for v in first_reg["versions"]})
+    bad = subprocess.run(["ternarylm", "register", "no-such-study"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_dry_run_json_lists_every_trial():

@@ -92,6 +92,18 @@ def test_two_worker_trial_logs_every_metric(tmp_path, tinystories, ray_head, mlf
     vocab, _ = trial_vocab(trial)
     assert m[M.final(M.FLOPS)] == (trial.model_config(vocab).flops_per_token(trial.seq_len)
                                    * trial.train.steps * trial.global_batch_tokens)
+    # Its data as MLflow dataset inputs (the token cache's digest), its source, its model.
+    inputs = {d.dataset.name.rsplit("/", 1)[-1]: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation"}
+    assert len({d.digest for d in inputs.values()}) == 1 and inputs["train"].digest
+    assert run.data.tags["mlflow.source.name"] and "mlflow.source.git.dirty" in run.data.tags
+    import mlflow
+    from ternarylm.logged_model import find_model
+    model = find_model(mlflow_uri, run.info.run_id)
+    mlflow.set_tracking_uri(mlflow_uri)
+    text = mlflow.pyfunc.load_model(f"models:/{model.model_id}").predict(
+        ["Once upon a time"], params={"max_new_tokens": 8, "seed": 0})
+    assert len(text) == 1 and text[0].startswith("Once upon a time") and len(text[0]) > 16
     # `ternarylm pack RUN` writes a file of exactly the logged size.
     packed = tmp_path / "packed.safetensors"
     out = subprocess.run(["ternarylm", "pack", run.info.run_id, "--out", str(packed)],
@@ -174,7 +186,7 @@ def test_engine_zero_stage(workers, stage, bf16, runs):
 # A one-rank gloo group as `benchmarks/train_step.py` sets it up, then a worker's engine.
 ENGINE_SCRIPT = """
 import sys
-sys.path.append(sys.argv[1])  # appended: benchmarks/tokenize.py must not shadow the stdlib's
+sys.path.append(sys.argv[1])  # benchmarks/, for train_step's process-group helper
 import torch
 from train_step import init_single_process_group
 from ternarylm.config import TrialConfig

@@ -34,6 +34,7 @@ from ternarylm.analysis import block_sparsity, layer_stats
 from ternarylm.artifacts import TrainedModel, load_trained
 from ternarylm.data import eval_batches, prepare_data
 from ternarylm.errors import UserError
+from ternarylm.model import TernaryLM
 from ternarylm.plans import PLAN_FORMATS, TERNARY, PrecisionPlan
 from ternarylm.quantizers import (
     FP,
@@ -108,16 +109,19 @@ def choose_blocks(scores: dict[int, float], block_params: dict[int, int], budget
     return sorted(chosen)
 
 
-def block_linears(model: nn.Module) -> dict[int, list[QuantLinear]]:
-    """Quantized linears of each transformer block; refuses blocks left in floating point."""
+def block_linears(model: TernaryLM) -> dict[int, list[QuantLinear]]:
+    """Quantized linears of each transformer block (the layer table's block linears); refuses
+    blocks left in floating point."""
     out: dict[int, list[QuantLinear]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and name.startswith("blocks."):
-            if not isinstance(m, QuantLinear):
-                raise AllocateError(f"the pilot keeps {name} in floating point; train the "
-                                    f"pilot with a quantized plan (e.g. all_ternary)")
-            out.setdefault(int(name.split(".")[1]), []).append(m)
-    return dict(sorted(out.items()))
+    for spec in model.cfg.layer_table():
+        if spec.kind != "linear" or spec.block is None:
+            continue
+        m = model.get_submodule(spec.name)
+        if not isinstance(m, QuantLinear):
+            raise AllocateError(f"the pilot keeps {spec.name} in floating point; train the "
+                                f"pilot with a quantized plan (e.g. all_ternary)")
+        out.setdefault(spec.block, []).append(m)
+    return out
 
 
 def _quantizer(layer: QuantLinear, fmt: str, trained: WeightQuantizer) -> WeightQuantizer:

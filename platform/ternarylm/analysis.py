@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from ternarylm.model import ModelConfig, TernaryLM
-from ternarylm.plans import PrecisionPlan, apply_plan
-from ternarylm.quantizers import TERNARY_SCHEMES, QuantEmbedding, QuantLinear
-
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+from ternarylm.plans import PrecisionPlan, convert
+from ternarylm.quantizers import TERNARY_SCHEMES
 
 
 def _entropy_bits(codes: torch.Tensor) -> float:
@@ -23,27 +19,27 @@ def _entropy_bits(codes: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def layer_stats(model: nn.Module) -> list[dict[str, Any]]:
-    """One row per quantized layer: sparsity (zero codes), scale statistics, effective bits."""
+def layer_stats(model: TernaryLM) -> list[dict[str, Any]]:
+    """One row per quantized layer (of `convert`): sparsity (zero codes), scale statistics,
+    effective bits."""
     rows = []
-    for name, m in model.named_modules():
-        if not isinstance(m, (QuantLinear, QuantEmbedding)):
+    for name, layer in convert(model).items():
+        q = layer.quantized
+        if q is None:
             continue
-        q = m.weight_quantizer.quantize(m.weight)
-        block = _BLOCK.match(name)
         row = {
             "layer": name,
-            "block": int(block.group(1)) if block else None,
-            "format": m.format,
-            "numel": m.weight.numel(),
+            "block": layer.spec.block,
+            "format": layer.format,
+            "numel": layer.weight.numel(),
             "zero_fraction": float((q.codes == 0).float().mean()),
             "scale_mean": float(q.scale.float().mean()),
             "scale_std": float(q.scale.float().std()) if q.scale.numel() > 1 else 0.0,
             "storage_bits": q.bits,
             "effective_bits": _entropy_bits(q.codes),
         }
-        if hasattr(m.weight_quantizer, "initial_scale"):
-            row["scale_initial"] = float(m.weight_quantizer.initial_scale.float().mean())
+        if layer.initial_scale is not None:
+            row["scale_initial"] = float(layer.initial_scale.float().mean())
         rows.append(row)
     return rows
 
@@ -60,39 +56,7 @@ def block_sparsity(rows: list[dict[str, Any]]) -> dict[int, float]:
     return {b: zeros[b] / total[b] for b in sorted(total)}
 
 
-def describe(cfg: ModelConfig, plan: PrecisionPlan, scheme: str) -> dict[str, Any]:
-    """Parameter counts, FLOPs and memory of a model under a plan, built on the meta device.
-
-    `packed_bytes` is the size of the file `ternarylm pack` writes with its default options
-    (int8 embedding and head where training kept them in floating point), sized by the code
-    that writes it; the real file adds its tokenizer's JSON and the trial's provenance.
-    """
-    from ternarylm.packing import packed_contents, packed_size
-
-    with torch.device("meta"):
-        model = TernaryLM(cfg)
-        formats = apply_plan(model, plan, scheme, cfg.n_layers)
-    counts = cfg.param_counts()
-    ternary = sum(model.get_submodule(n).weight.numel() for n, f in formats.items()
-                  if f in TERNARY_SCHEMES)
-    packed = packed_size(*packed_contents(model, "", 0))
-    fp32 = 4 * sum(p.numel() for p in model.parameters())
-    return {
-        **counts,
-        "ternary_weights": ternary,
-        "flops_per_token": cfg.flops_per_token(),
-        "fp32_bytes": fp32,
-        "packed_bytes": packed,
-        "packed_assumes": "ternarylm pack defaults (int8 embedding and head where the plan "
-                          "keeps them in fp, 2-bit ternary codes); without the tokenizer JSON "
-                          "and provenance a real file also holds",
-        "compression": fp32 / packed,
-        "formats": dict(sorted({f: sum(1 for v in formats.values() if v == f)
-                                for f in set(formats.values())}.items())),
-    }
-
-
 def has_ternary_layers(cfg: ModelConfig, plan: PrecisionPlan) -> bool:
     """Whether a plan puts any linear of this model in a ternary scheme (fp does not)."""
-    formats = plan.resolve(cfg.linear_names(), cfg.n_layers, TERNARY_SCHEMES[0])
+    formats = plan.resolve(cfg.layer_table(), cfg.n_layers, TERNARY_SCHEMES[0])
     return any(f in TERNARY_SCHEMES for f in formats.values())

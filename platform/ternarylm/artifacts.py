@@ -50,10 +50,16 @@ def save_trained(directory: str | Path, model: TernaryLM, trial: TrialConfig,
     return directory
 
 
+def run_id_of(source: str | Path) -> str | None:
+    """The MLflow run id `source` names, or None when it is a local path (a trained-model
+    directory, a packed file): the one answer for every command that takes either."""
+    return None if Path(source).exists() else str(source)
+
+
 def resolve_source(source: str) -> Path:
     """A local artifact directory as is, or an MLflow run id whose `model/` is downloaded."""
     path = Path(source)
-    if path.is_dir():
+    if run_id_of(source) is None:
         if not (path / CONFIG_FILE).is_file():
             raise ConfigError(f"{path} is not a trained-model directory: {CONFIG_FILE} is missing")
         return path

@@ -9,13 +9,17 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ternarylm.errors import Fault, UserError, one_line
 from ternarylm.plans import PRESETS
 
+if TYPE_CHECKING:
+    from ternarylm.fit import PrecisionLaw, ScalingFit
+
 
 def _describe(args: argparse.Namespace) -> None:
-    from ternarylm.analysis import describe
+    from ternarylm.footprint import describe
     from ternarylm.model import model_config
     from ternarylm.plans import preset
 
@@ -45,6 +49,16 @@ def _train(args: argparse.Namespace) -> None:
                       "metrics": result.metrics}))
 
 
+def _intervals_line(fit: ScalingFit | PrecisionLaw) -> str:
+    """How a fit's (ScalingFit or PrecisionLaw) intervals were made, or why it has none."""
+    if fit.ci_note:
+        return fit.ci_note
+    if fit.ci_method is None:
+        return "no intervals (--bootstrap 0)"
+    return (f"95% CIs: {fit.ci_method} bootstrap (draws keep every N, D and plan); "
+            f"{fit.boot_failed:.0%} of refits did not converge")
+
+
 def _fit_joint(args: argparse.Namespace) -> None:
     from ternarylm.fit import fit_precision_csv
 
@@ -56,6 +70,7 @@ def _fit_joint(args: argparse.Namespace) -> None:
         return
     print(f"{law.form} fitted on {law.n_points} points, reference {law.reference}, "
           f"residual sd {law.residual_sd:.3g} (log loss)")
+    print(_intervals_line(law))
     for name, value in law.params.items():
         low, high = law.ci.get(name, (float("nan"), float("nan")))
         print(f"{name:>16} = {value:.6g}   95% CI [{low:.6g}, {high:.6g}]")
@@ -86,6 +101,7 @@ def _fit(args: argparse.Namespace) -> None:
         print(json.dumps(fit.to_json()))
         return
     print(f"{fit.form} fitted on {fit.n_points} points")
+    print(_intervals_line(fit))
     for name, value in fit.params.items():
         low, high = fit.ci.get(name, (float("nan"), float("nan")))
         print(f"{name:>6} = {value:.6g}   95% CI [{low:.6g}, {high:.6g}]")
@@ -178,6 +194,12 @@ def finite_float(text: str) -> float:
     return value
 
 
+def _register(args: argparse.Namespace) -> None:
+    from ternarylm.registry import register_study
+
+    print(json.dumps(register_study(args.study, args.name, args.per, args.experiment)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ternarylm.model import SIZES
     from ternarylm.quantizers import TERNARY_SCHEMES
@@ -202,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="fit L(N) = E + A N^-alpha (+ B D^-beta) to a CSV of N, D, loss")
     p.add_argument("csv", help="CSV with columns N, loss and optionally D")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the CIs")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap draws for the CIs "
+                   "(seeds resampled within cells, else parametric; 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--joint", action="store_true", help="one precision-aware law across plans: "
@@ -316,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="evaluate again even if a finished child run has the same settings")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("register", help="register a study's best model per cell (or per "
+                                        "frontier point) in the MLflow model registry")
+    p.add_argument("study", help="study name (its `name:`)")
+    p.add_argument("--name", help="registered model name (default ternarylm-STUDY)")
+    p.add_argument("--per", default="cell", choices=["cell", "frontier"],
+                   help="cell: the lowest val bits per byte of each size/scheme/plan; "
+                   "frontier: every point of the packed-bytes vs bits-per-byte frontier")
+    p.add_argument("--experiment", default="ternarylm", help="the study's MLflow experiment")
+    p.set_defaults(func=_register)
     return parser
 
 

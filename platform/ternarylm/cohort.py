@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from ternarylm import metrics as M
-from ternarylm import tracking
+from ternarylm import run_inputs, tracking
 from ternarylm.config import TrialConfig
 from ternarylm.train import bf16_of, zero_stage
 from ternarylm.trial import (TrialResult, existing_result, fit_trainer, make_trainer,
@@ -76,7 +76,7 @@ def run_cohort(trials: list[TrialConfig], *, parent_run_id: str | None = None,
     says why) while the others finish; a failure of the worker group raises TrialFailed."""
     t0 = time.perf_counter()
     uri = tracking_uri or tracking.tracking_uri()
-    preflight(trials, uri)
+    _, prepared = preflight(trials, uri)
     results: dict[str, TrialResult] = {}
     pending: list[tuple[TrialConfig, str]] = []
     for t in trials:
@@ -90,14 +90,15 @@ def run_cohort(trials: list[TrialConfig], *, parent_run_id: str | None = None,
         results[t.key()] = run_trial(t, parent_run_id=parent_run_id, callbacks=callbacks,
                                      tracking_uri=uri, tags=tags)
     elif pending:
-        results |= _train_together(pending, uri, callbacks, t0)
+        results |= _train_together(pending, uri, callbacks, t0, prepared)
     return [results[t.key()] for t in trials]
 
 
 def _train_together(pending: list[tuple[TrialConfig, str]], uri: str, callbacks: list | None,
-                    t0: float) -> dict[str, TrialResult]:
+                    t0: float, prepared: dict[str, Any]) -> dict[str, TrialResult]:
     for t, run_id in pending:
         tracking.log_params(uri, run_id, t.flat())
+        run_inputs.log_datasets(uri, run_id, t.data, prepared[repr(t.data)])
     t1 = time.perf_counter()
     members = [t for t, _ in pending]
     run_ids = [run_id for _, run_id in pending]

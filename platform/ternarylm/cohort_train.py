@@ -19,7 +19,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,9 @@ from ternarylm.train import (FINGERPRINTS_TAG, Throughput, WorkerPlace, batch_fi
                              deepspeed_config, eval_metrics, export_model, launch_times,
                              loss_sums, mark_diverged, open_tracker, prepare_deepspeed, restore,
                              save_checkpoint, weight_metrics, worker_place)
-from ternarylm.worker import TrialRuntime
+
+if TYPE_CHECKING:  # the worker entry point calls this module, never the other way
+    from ternarylm.worker import TrialRuntime
 
 
 def build_cohort_engine(trials: list[TrialConfig], vocab_size: int, device: torch.device):
@@ -90,7 +92,7 @@ class _CohortLoop:
         import ray.train
 
         t = self.cfg.train
-        loop_start = time.perf_counter()
+        loop_start, eval_s = time.perf_counter(), 0.0
         for sampler, log in zip(self.samplers, self.logs):
             log.set_tags({FINGERPRINTS_TAG: batch_fingerprints(sampler, step, self.place)})
         window_start, window_tokens = time.perf_counter(), 0
@@ -114,14 +116,18 @@ class _CohortLoop:
             report = {"step": step, "members_live": float(len(self.live))}
             evaluated = step % t.eval_every == 0 or step == t.steps
             if evaluated:
-                for m, values in self.evaluate().items():
+                eval_start = time.perf_counter()
+                evaluation = self.evaluate()
+                eval_s += time.perf_counter() - eval_start
+                for m, values in evaluation.items():
                     metrics[m] |= values
                     # The study's progress line of each member (`<metric>/<member>`).
                     report |= {f"{k}/{m}": values[k] for k in (M.VAL_LOSS, M.VAL_BPB)}
             if step == t.steps:  # the driver reads the loop's time from the last report
                 report[M.TRAIN_LOOP_S] = time.perf_counter() - loop_start
                 for m in self.live:
-                    metrics[m] |= launch | {M.TRAIN_LOOP_S: report[M.TRAIN_LOOP_S]}
+                    metrics[m] |= launch | {M.TRAIN_LOOP_S: report[M.TRAIN_LOOP_S],
+                                            M.EVAL_S: eval_s}
             for m in self.live:
                 self.logs[m].log(step, metrics[m])
             if step % t.checkpoint_every == 0 or step == t.steps:

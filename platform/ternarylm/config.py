@@ -201,12 +201,17 @@ class TrialConfig:
             raise ConfigError("experiment is empty: name the MLflow experiment (default "
                               "ternarylm)")
         # Size, seq_len and the plan checked against the model's shape, without building it.
-        cfg = self.model_config(vocab_size=256)
-        self.plan.resolve(cfg.linear_names(), cfg.n_layers, self.scheme)
+        self.plan.resolve(self.shape.layer_table(), self.shape.n_layers, self.scheme)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return model_config(self.size, vocab_size=vocab_size, seq_len=self.seq_len,
                             dropout=self.dropout, tie_head=self.tie_head, block=self.block)
+
+    @property
+    def shape(self) -> ModelConfig:
+        """The model where the vocabulary does not matter (its blocks, layer names, plans):
+        a placeholder vocabulary, since the real one is known only once data is tokenized."""
+        return self.model_config(vocab_size=256)
 
     @property
     def run_name(self) -> str:

@@ -10,8 +10,9 @@ biases. RoPE rotates halves (x[..., :D/2], x[..., D/2:]), exactly like transform
 compare logits). llama.cpp's llama architecture rotates adjacent pairs instead, so the GGUF
 writer permutes q/k rows the way llama.cpp's own convert_hf_to_gguf.py does for HF Llama.
 
-Weights are exported DEQUANTIZED, the TriLM way: every quantized layer as codes x scales from its
-`weight_quantizer.quantize`, i.e. exactly the weights the training forward pass used. What the
+Weights are exported DEQUANTIZED, the TriLM way: every quantized layer as codes x scales from
+`plans.convert`, i.e. exactly the weights the training forward pass used, under the names the
+layer table gives them (`LayerSpec.hf_name`, `LayerSpec.gguf_name`). What the
 exported models do not do is quantize activations: stock Llama (and llama.cpp's llama graph)
 runs on float activations, while our models quantize every quantized linear's input to
 `activation_bits` per token. A model trained with activation quantization therefore gives
@@ -51,11 +52,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from ternarylm.errors import UserError
-from ternarylm.model import RMSNorm, TernaryLM
-from ternarylm.quantizers import QuantEmbedding, QuantizedWeight, QuantLinear
+from ternarylm.model import TernaryLM
+from ternarylm.plans import ConvertedLayer, convert
 
 FORMATS = ("hf", "gguf")
 GGUF_TYPES = ("tq2_0", "tq1_0", "f16", "f32")
@@ -70,28 +70,6 @@ _WEIGHTS_NOTE = ("Weights are the trained ternary/integer codes times their scal
                  "(dequantized, as TriLM releases its models). Stock Llama does not quantize "
                  "activations; ")
 
-# Our module names -> HF LlamaForCausalLM parameter names ({i}: block index).
-_HF_NAMES = {
-    "embed": "model.embed_tokens.weight",
-    "norm": "model.norm.weight",
-    "head": "lm_head.weight",
-    "attn_norm": "model.layers.{i}.input_layernorm.weight",
-    "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
-    "attn.q": "model.layers.{i}.self_attn.q_proj.weight",
-    "attn.k": "model.layers.{i}.self_attn.k_proj.weight",
-    "attn.v": "model.layers.{i}.self_attn.v_proj.weight",
-    "attn.o": "model.layers.{i}.self_attn.o_proj.weight",
-    "mlp.gate": "model.layers.{i}.mlp.gate_proj.weight",
-    "mlp.up": "model.layers.{i}.mlp.up_proj.weight",
-    "mlp.down": "model.layers.{i}.mlp.down_proj.weight",
-}
-
-# BitNetForCausalLM is Llama's layout plus the two sub-norms (transformers/models/bitnet).
-_HF_BITNET_NAMES = {
-    **_HF_NAMES,
-    "attn.sub_norm": "model.layers.{i}.self_attn.attn_sub_norm.weight",
-    "mlp.sub_norm": "model.layers.{i}.mlp.ffn_sub_norm.weight",
-}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "bitnet": "BitNetForCausalLM"}
 """The HF class `--format hf` writes for each `ModelConfig.block`."""
 BITNET_SCHEME = "absmean"  # BitNet b1.58: one mean|W| scale per matrix
@@ -102,56 +80,30 @@ class ExportError(UserError):
     """A model or tokenizer that cannot be exported to the asked format; the message says why."""
 
 
-@dataclass
-class ExportedLayer:
-    """One weight of the trained model as exported: float values and, when quantized, codes."""
-
-    name: str
-    """Our module name (embed, blocks.0.attn.q, ..., norm, head)."""
-    weight: torch.Tensor
-    """The dequantized fp32 weight (codes x scale), or the float weight as trained."""
-    quantized: QuantizedWeight | None
-    format: str
-    """Weight format (absmean, int8, ..., fp, or norm)."""
+Layers = dict[str, ConvertedLayer]
+"""A model's `plans.convert`: every weight by qualified name, with its HF and GGUF names."""
 
 
-def exported_layers(model: TernaryLM) -> dict[str, ExportedLayer]:
-    """Every weight of a (plan-applied) model, dequantized exactly as its forward pass uses it."""
-    layers: dict[str, ExportedLayer] = {}
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, (QuantLinear, QuantEmbedding)):
-                q = module.weight_quantizer.quantize(module.weight)
-                w = q.codes.float() * q.scale.float()
-                layers[name] = ExportedLayer(name, w, q, module.format)
-            elif isinstance(module, (nn.Linear, nn.Embedding, RMSNorm)):
-                kind = "norm" if isinstance(module, RMSNorm) else "fp"
-                w = module.weight.detach().float().clone()
-                layers[name] = ExportedLayer(name, w, None, kind)
-    return layers
-
-
-def _split(name: str) -> tuple[int | None, str]:
-    """blocks.3.attn.q -> (3, "attn.q"); head -> (None, "head")."""
-    if name.startswith("blocks."):
-        _, i, rest = name.split(".", 2)
-        return int(i), rest
-    return None, name
-
-
-def _activation_bits(model: TernaryLM) -> int | None:
-    bits = {m.activation_bits for m in model.modules() if isinstance(m, QuantLinear)}
+def _activation_bits(layers: Layers) -> int | None:
+    bits = {layer.activation_bits for layer in layers.values()}
     bits.discard(None)
     return max(bits) if bits else None
+
+
+def _tied(model: TernaryLM, layers: Layers) -> bool:
+    """A tied head stays tied only when its dequantized weight equals the embedding's (both
+    fp, or the same quantizer); otherwise both are written and the export is untied."""
+    return bool(model.cfg.tie_head and torch.equal(layers["head"].dequantized(),
+                                                   layers["embed"].dequantized()))
 
 
 def _block(model: TernaryLM) -> str:
     return getattr(model.cfg, "block", "llama")
 
 
-def quantization_note(model: TernaryLM) -> str:
+def quantization_note(layers: Layers) -> str:
     """What the exported Llama model does differently from ours: activations stay in float."""
-    bits = _activation_bits(model)
+    bits = _activation_bits(layers)
     if bits is None:
         return _WEIGHTS_NOTE + ("neither did this model (trained with activation quantization "
                                 "off), so stock Llama reproduces its logits to float rounding.")
@@ -160,17 +112,17 @@ def quantization_note(model: TernaryLM) -> str:
                             f"from the trained model's.")
 
 
-def hf_note(model: TernaryLM) -> str:
+def hf_note(model: TernaryLM, layers: Layers) -> str:
     """The HF export's note (config.json, model card, CLI output): its class and what it does
     differently from ours."""
     if _block(model) == "bitnet":
-        return bitnet_note(model)
-    return f"Exported as LlamaForCausalLM. {quantization_note(model)}"
+        return bitnet_note(layers)
+    return f"Exported as LlamaForCausalLM. {quantization_note(layers)}"
 
 
-def bitnet_note(model: TernaryLM) -> str:
+def bitnet_note(layers: Layers) -> str:
     """The BitNet export's note: it quantizes what ours quantizes, so only rounding differs."""
-    if _activation_bits(model) is None:  # no quantized linear at all (see bitnet_float_linears)
+    if _activation_bits(layers) is None:  # no quantized linear at all (see bitnet_float_linears)
         return ("Exported as BitNetForCausalLM with float weights, as trained (no quantized "
                 "layer): stock transformers reproduces its logits to float rounding.")
     return ("Exported as BitNetForCausalLM (transformers' bitnet quantization, AutoBitLinear, "
@@ -198,14 +150,14 @@ class _Source:
 
 
 def _load(source: str | Path) -> _Source:
-    from ternarylm.artifacts import load_trained
+    from ternarylm.artifacts import load_trained, run_id_of
 
     trained = load_trained(source)
     run = None
-    if not Path(source).is_dir():  # load_trained accepted it, so it is a run id
+    if (run_id := run_id_of(source)) is not None:
         from ternarylm import tracking
 
-        run = tracking.client().get_run(str(source))
+        run = tracking.client().get_run(run_id)
     return _Source(trained, str(source), run)
 
 
@@ -271,25 +223,25 @@ def bitnet_config(model: TernaryLM, eos_id: int, tied: bool, float_linears: list
         architectures=["BitNetForCausalLM"], dtype="float32", **quantization)
 
 
-def bitnet_float_linears(model: TernaryLM) -> list[str] | None:
+def bitnet_float_linears(layers: Layers) -> list[str] | None:
     """HF names of the model's float linears (None when no layer is quantized), after checking
     that every quantized layer is one AutoBitLinear runs as ours: ternary absmean (one scale per
     matrix) with 8-bit per-token activations. Raises ExportError, naming the first misfit."""
     misfits, floats, quantized = [], [], False
-    for name, module in model.named_modules():
-        if isinstance(module, QuantEmbedding):  # BitNet's embedding is a plain float table
-            misfits.append(f"the embedding is {module.format}")
-        elif isinstance(module, QuantLinear):
+    for name, layer in layers.items():
+        kind = layer.spec.kind
+        if kind == "embedding" and layer.quantized is not None:
+            misfits.append(f"the embedding is {layer.format}")  # BitNet's is a float table
+        elif kind == "linear" and layer.quantized is not None:
             quantized = True
-            bits = module.activation_bits
-            if module.format != BITNET_SCHEME:
-                misfits.append(f"{name} is {module.format}")
+            bits = layer.activation_bits
+            if layer.format != BITNET_SCHEME:
+                misfits.append(f"{name} is {layer.format}")
             elif bits != BITNET_ACTIVATION_BITS:
                 misfits.append(f"{name} quantizes activations to {bits} bits" if bits else
                                f"{name} does not quantize activations")
-        elif isinstance(module, nn.Linear):
-            block, part = _split(name)
-            floats.append(_HF_BITNET_NAMES[part].format(i=block).removesuffix(".weight"))
+        elif kind == "linear":
+            floats.append(layer.spec.hf_name.removesuffix(".weight"))
     if misfits:
         more = f" (and {len(misfits) - 1} more)" if len(misfits) > 1 else ""
         raise ExportError(
@@ -301,43 +253,36 @@ def bitnet_float_linears(model: TernaryLM) -> list[str] | None:
     return floats if quantized else None
 
 
-def hf_config(model: TernaryLM, eos_id: int, tied: bool):
+def hf_config(model: TernaryLM, layers: Layers, eos_id: int, tied: bool):
     """The transformers config of the class `ARCHITECTURES` picks for the model's block."""
     if _block(model) == "bitnet":
-        return bitnet_config(model, eos_id, tied, bitnet_float_linears(model))
+        return bitnet_config(model, eos_id, tied, bitnet_float_linears(layers))
     return llama_config(model, eos_id, tied)
 
 
-def hf_state_dict(model: TernaryLM) -> tuple[dict[str, torch.Tensor], bool]:
+def hf_state_dict(model: TernaryLM, layers: Layers) -> tuple[dict[str, torch.Tensor], bool]:
     """Tensors of the model's HF class and whether the head stays tied to the embedding.
 
     LlamaForCausalLM: every weight dequantized (codes x scale). BitNetForCausalLM: float layers
     as they are, each ternary linear as AutoBitLinear's `weight` (the codes, as floats) and
-    `weight_scale` (gamma, shape [1]), which it multiplies after the matmul.
-    A tied head is kept tied only when its dequantized weight equals the embedding's (both fp,
-    or the same quantizer); otherwise both are written and the export is untied.
+    `weight_scale` (gamma, shape [1]), which it multiplies after the matmul. Names are the
+    layer table's (`LayerSpec.hf_name`); a tied head (`_tied`) is left out.
     """
     bitnet = _block(model) == "bitnet"
     if bitnet:
-        bitnet_float_linears(model)  # refuses what AutoBitLinear would run differently
-    names = _HF_BITNET_NAMES if bitnet else _HF_NAMES
-    layers = exported_layers(model)
+        bitnet_float_linears(layers)  # refuses what AutoBitLinear would run differently
     state = {}
-    for name, layer in layers.items():
-        block, part = _split(name)
-        if part not in names:
-            raise ExportError(f"layer {name!r} has no {ARCHITECTURES[_block(model)]} "
-                              f"counterpart")
-        key = names[part].format(i=block)
+    for layer in layers.values():
+        key = layer.spec.hf_name
         if bitnet and layer.quantized is not None:
             state[key] = layer.quantized.codes.float().contiguous()
             state[key.removesuffix("weight") + "weight_scale"] = (
                 layer.quantized.scale.float().reshape(1))
         else:
-            state[key] = layer.weight.contiguous()
-    tied = bool(model.cfg.tie_head and torch.equal(layers["head"].weight, layers["embed"].weight))
+            state[key] = layer.dequantized().contiguous()
+    tied = _tied(model, layers)
     if tied:
-        del state[names["head"]]
+        del state[layers["head"].spec.hf_name]
     return state, tied
 
 
@@ -388,9 +333,10 @@ def export_hf(source: str | Path, out: str | Path) -> HFExport:
     if _block(model) not in ARCHITECTURES:
         raise ExportError(f"no Hugging Face class for {_block(model)!r} blocks; blocks "
                           f"exported: {', '.join(ARCHITECTURES)}")
-    state, tied = hf_state_dict(model)
-    note = hf_note(model)
-    config = hf_config(model, eos_id, tied)
+    layers = convert(model)
+    state, tied = hf_state_dict(model, layers)
+    note = hf_note(model, layers)
+    config = hf_config(model, layers, eos_id, tied)
     tok = _hf_tokenizer(src.trained.tokenizer, eos_id, model.cfg.seq_len)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -402,7 +348,7 @@ def export_hf(source: str | Path, out: str | Path) -> HFExport:
     meta["quantization_note"] = note
     meta["ternarylm"] = {"source": str(source), "scheme": src.trained.trial.scheme,
                          "plan": dataclasses.asdict(src.trained.trial.plan),
-                         "activation_bits": _activation_bits(model),
+                         "activation_bits": _activation_bits(layers),
                          "formats": src.trained.formats}
     (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
@@ -544,23 +490,7 @@ class GGUFExport:
                 "fell_back": {t.name: f"{t.type}: {t.reason}" for t in self.fell_back}}
 
 
-_GGUF_PARTS = {
-    "attn_norm": "ATTN_NORM", "mlp_norm": "FFN_NORM", "attn.q": "ATTN_Q", "attn.k": "ATTN_K",
-    "attn.v": "ATTN_V", "attn.o": "ATTN_OUT", "mlp.gate": "FFN_GATE", "mlp.up": "FFN_UP",
-    "mlp.down": "FFN_DOWN", "embed": "TOKEN_EMBD", "norm": "OUTPUT_NORM", "head": "OUTPUT",
-}
-
-
-def gguf_tensor_name(name: str) -> str:
-    """Our module name -> llama.cpp's tensor name (blocks.0.attn.q -> blk.0.attn_q.weight)."""
-    import gguf
-
-    block, part = _split(name)
-    template = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, _GGUF_PARTS[part])]
-    return template.format(bid=block) + ".weight"
-
-
-def _ternary_rows(layer: ExportedLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _ternary_rows(layer: ConvertedLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(codes [N, K] in {-1, 0, 1}, per-row scale [N]) of a layer TQ types can hold, else None."""
     q = layer.quantized
     if q is None or q.codes.dim() != 2 or not q.codes.numel() or int(q.codes.abs().max()) > 1:
@@ -617,8 +547,8 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "tq2_0",
     _check_llama_blocks(model)
     # The tokenizer first: an unsupported one fails before anything is written.
     tokens, token_types, merges = gguf_vocab(src.trained.tokenizer, cfg.vocab_size)
-    layers = exported_layers(model)
-    tied = bool(cfg.tie_head and torch.equal(layers["head"].weight, layers["embed"].weight))
+    layers = convert(model)
+    tied = _tied(model, layers)
     ffn = cfg.mlp_hidden
     if pad_ffn and type not in FLOAT_TYPES:
         ffn = -(-cfg.mlp_hidden // TERNARY_BLOCK) * TERNARY_BLOCK
@@ -657,36 +587,35 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "tq2_0",
     writer.add_eos_token_id(eos)
     writer.add_bos_token_id(eos)
     writer.add_add_bos_token(False)
-    note = quantization_note(model)
+    note = quantization_note(layers)
     writer.add_string("ternarylm.quantization_note", note)
     writer.add_string("ternarylm.scheme", trial.scheme)
     writer.add_string("ternarylm.plan", json.dumps(dataclasses.asdict(trial.plan)))
-    writer.add_int32("ternarylm.activation_bits", _activation_bits(model) or 0)
+    writer.add_int32("ternarylm.activation_bits", _activation_bits(layers) or 0)
 
     report: list[GGUFTensor] = []
     for name, layer in layers.items():
         if name == "head" and tied:
             continue
-        gname = gguf_tensor_name(name)
-        _, part = _split(name)
-        w = layer.weight
+        gname, role = layer.spec.gguf_name, layer.spec.role
+        w = layer.dequantized()
         ternary = _ternary_rows(layer)
-        if part in ("attn.q", "attn.k"):
+        if role in ("q", "k"):
             w = permute_rope(w, cfg.n_heads)
             if ternary is not None:
                 ternary = (permute_rope(ternary[0], cfg.n_heads),
                            permute_rope(ternary[1], cfg.n_heads))
-        if pad and part in ("mlp.gate", "mlp.up"):  # zero output rows
+        if pad and role in ("gate", "up"):  # zero output rows
             w = _pad_rows(w, pad)
             if ternary is not None:
                 ternary = (_pad_rows(ternary[0], pad), _pad_rows(ternary[1], pad, ternary[1]))
-        elif pad and part == "mlp.down":  # zero input columns
+        elif pad and role == "down":  # zero input columns
             w = _pad_rows(w.t(), pad).t().contiguous()
             if ternary is not None:
                 ternary = (_pad_rows(ternary[0].t(), pad).t().contiguous(), ternary[1])
         shape = list(w.shape)
         reason = None
-        if layer.format == "norm" or w.dim() == 1:
+        if layer.spec.kind == "norm":
             writer.add_tensor(gname, w.numpy().astype(np.float32))
             report.append(GGUFTensor(gname, name, "f32", shape))
             continue

@@ -11,16 +11,28 @@ Laws for Precision": a plan acts as if the model had N_eff = N * f_plan paramete
 The fit works on log-parameters e = log E, a = log A, b = log B: the predicted
 log-loss is logsumexp(a - alpha*log N, b - beta*log D, e), residuals are taken
 against log L, and a Huber loss (delta 1e-3) of the residuals is minimised with
-L-BFGS-B from a grid of starts, keeping the best. Intervals are 95% percentile
-bootstrap intervals over points resampled with replacement. In the joint form each plan but the
+L-BFGS-B from a grid of starts, keeping the best. In the joint form each plan but the
 reference adds g = log f, bounded to f in (0, 1], which shifts its points along log N.
+
+Intervals are 95% percentile bootstrap intervals that keep the design (every N, D and plan stays;
+resampling model sizes would measure the spread of the design, not of training): the seeds of a
+cell (the rows sharing N, D and plan) are the unit of noise.
+  * `seeds`, every cell has 3 or more seeds: each draw resamples every cell's seeds from its own.
+  * `parametric`, otherwise (one seed per cell, above all): each draw is the fitted law plus
+    Gaussian noise in log loss, the noise sd taken from the residuals (needs 2 or more residual
+    degrees of freedom).
+Both draw the noise scale too, as the noise is measured from few seeds or residuals. Seed draws
+hold the seeds' noise only, not a misfit of the law (the residuals and holdout_check show that).
+Every draw is refitted from several starts (the full-data optimum and the draw's best grid
+points). No draw is redrawn or dropped: draws whose refit converged from no start stay in the
+intervals, and their share is reported (`boot_failed`).
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +54,20 @@ _PLAN_LOG_STARTS = (0.0, -1.0, -3.0)  # log f shared by every non-reference plan
 # L-BFGS runs only from the best grid points: the L(N,D) grid has 1600 of them,
 # and the vectorised objective ranks them all in one call.
 _N_STARTS = 16
+# A bootstrap refit starts from the full-data optimum and this many of its draw's best grid
+# points: a draw far from the data can have its optimum in another basin.
+_BOOT_GRID_STARTS = 3
 _LOG_BOUNDS = (-50.0, 50.0)
 _EXPONENT_BOUNDS = (0.0, 5.0)  # a negative exponent would make loss grow with scale
 # log f: f in (0, 1], so the reference plan should be the most precise one (fp).
 _PLAN_LOG_BOUNDS = (-20.0, 0.0)
 _LBFGS_OPTIONS = {"maxiter": 1000, "ftol": 1e-13, "gtol": 1e-10}
-# Resamples the main fit would reject are redrawn; this caps the redraws.
-_MAX_DRAWS_PER_RESAMPLE = 50
+# Parametric draws estimate the noise from the residuals: 1 degree of freedom cannot.
+_MIN_NOISE_DOF = 2
+# Resampling 2 seeds gives a cell's mean 3 possible values, too coarse: with 5 cells of 2 seeds
+# the intervals covered E, A and alpha in 82-85% of 40 data sets for a nominal 95%, parametric
+# draws on the same data in 88-93%.
+_MIN_SEEDS_PER_CELL = 3
 
 _GROUP_COLUMNS = ("scheme", "plan")
 
@@ -71,6 +90,8 @@ class ScalingFit:
     n_points: int
     objective: float  # summed Huber loss of the log residuals at the optimum
     ci_note: str | None = None  # why `ci` is empty although intervals were asked for
+    ci_method: str | None = None  # "seeds" or "parametric" (module docstring), with `ci`
+    boot_failed: float | None = None  # share of bootstrap refits that converged from no start
 
     def predict(self, N: ArrayLike, D: ArrayLike | None = None) -> np.ndarray:
         """Predicted loss at model size N (and token budget D for the L(N,D) form)."""
@@ -89,8 +110,15 @@ class ScalingFit:
             "ci": {k: [float(lo), float(hi)] for k, (lo, hi) in self.ci.items()},
             "n_points": int(self.n_points),
             "objective": float(self.objective),
-            **({"ci_note": self.ci_note} if self.ci_note else {}),
+            **_interval_json(self.ci_note, self.ci_method, self.boot_failed),
         }
+
+
+def _interval_json(note: str | None, method: str | None, failed: float | None) -> dict:
+    """How the intervals were made (or why there are none), for to_json."""
+    if note:
+        return {"ci_note": note}
+    return {} if method is None else {"ci_method": method, "boot_failed": failed}
 
 
 @dataclass(frozen=True)
@@ -116,12 +144,6 @@ class _Problem:
         y_ref = 0.0 if y is None else float(y.mean())
         return cls(x - x_ref, None if y is None else y - y_ref, np.log(loss), x_ref, y_ref,
                    plan, plans)
-
-    def subset(self, idx: np.ndarray) -> _Problem:
-        y = None if self.y is None else self.y[idx]
-        plan = None if self.plan is None else self.plan[idx]
-        return _Problem(self.x[idx], y, self.log_loss[idx], self.x_ref, self.y_ref, plan,
-                        self.plans)
 
     @property
     def n_base(self) -> int:
@@ -207,20 +229,25 @@ def _start_grid(prob: _Problem) -> np.ndarray:
     return grid
 
 
-def _minimise(prob: _Problem, starts: Sequence[np.ndarray]) -> tuple[np.ndarray, float]:
-    """Best L-BFGS-B optimum over the starts: (theta, raw Huber objective)."""
+def _minimise(prob: _Problem, starts: Sequence[np.ndarray]) -> tuple[np.ndarray, float, bool]:
+    """Best L-BFGS-B optimum over the starts: (theta, raw Huber objective, whether any start
+    converged)."""
     bounds = _bounds(prob)
-    best = min(
-        (
-            optimize.minimize(
-                _objective, s, args=(prob,), jac=True, method="L-BFGS-B",
-                bounds=bounds, options=_LBFGS_OPTIONS,
-            )
-            for s in starts
-        ),
-        key=lambda res: res.fun,
-    )
-    return best.x, float(best.fun) * HUBER_DELTA
+    results = [
+        optimize.minimize(
+            _objective, s, args=(prob,), jac=True, method="L-BFGS-B",
+            bounds=bounds, options=_LBFGS_OPTIONS,
+        )
+        for s in starts
+    ]
+    best = min(results, key=lambda res: res.fun)
+    return best.x, float(best.fun) * HUBER_DELTA, any(r.success for r in results)
+
+
+def _best_starts(prob: _Problem, k: int) -> np.ndarray:
+    """The k grid points with the lowest objective, (k, p)."""
+    grid = _start_grid(prob)
+    return grid[np.argsort(_grid_objective(grid, prob), kind="stable")[:k]]
 
 
 def _natural_params(theta: np.ndarray, prob: _Problem) -> np.ndarray:
@@ -277,40 +304,96 @@ def _point_rows(prob: _Problem) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def _resamples_can_differ(prob: _Problem) -> bool:
-    """Whether some resample with enough distinct points lacks one of the data's points. If
-    none does, every usable resample refits the full data and the intervals have zero width."""
-    rows = _point_rows(prob)
-    for point in np.unique(rows, axis=0):
-        keep = np.flatnonzero(~np.all(rows == point, axis=1))
-        if _shortage(prob.subset(keep)) is None:
-            return True
-    return False
+def _cells(prob: _Problem) -> np.ndarray:
+    """Each point's cell, an index into the distinct (N, D, plan): the rows of a cell are seeds."""
+    return np.unique(_point_rows(prob), axis=0, return_inverse=True)[1].ravel()
 
 
-def _bootstrap(prob: _Problem, theta0: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """Natural parameters refitted on n_boot resamples, shape (n_boot, p).
+def _residuals(theta: np.ndarray, prob: _Problem) -> np.ndarray:
+    """Predicted minus observed log loss per point."""
+    return _logsumexp(_log_terms(theta, prob), axis=0) - prob.log_loss
 
-    Each refit starts from the full-data optimum only: resamples stay close to
-    the data, and a full start grid per resample would cost n_boot times more.
-    Resamples with too few distinct points (or missing a plan) are redrawn, since
-    their refit would not move from the start and would narrow the intervals
-    spuriously."""
+
+def _noise_scales(dof: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, 1) factors sqrt(dof / chi2(dof)) on the measured noise sd, one per draw.
+
+    The noise sd is measured from few degrees of freedom (seeds, or residuals), so it is itself
+    uncertain; draws at the measured sd alone would give normal-width intervals where t-width
+    ones are due (for a linear law with Gaussian noise these factors give the t-interval
+    exactly)."""
+    return np.sqrt(dof / rng.chisquare(dof, size=(n_boot, 1)))
+
+
+def _seed_draws(prob: _Problem, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n) log losses: every cell's seeds drawn with replacement from its own seeds.
+
+    Deviations from the cell's mean are scaled by sqrt(n_c / (n_c - 1)), since plain resampling
+    of n_c seeds gives their mean (n_c - 1) / n_c of the variance a mean of n_c new seeds has
+    (half for two seeds), and by the draw's noise scale (degrees of freedom: seeds - cells)."""
+    cells = _cells(prob)
+    noise = _noise_scales(len(cells) - cells.max() - 1, n_boot, rng)
+    out = np.empty((n_boot, len(cells)))
+    for c in range(cells.max() + 1):
+        rows = np.flatnonzero(cells == c)
+        y = prob.log_loss[rows]
+        deviation = rng.choice(y, size=(n_boot, len(rows))) - y.mean()
+        out[:, rows] = y.mean() + np.sqrt(len(rows) / (len(rows) - 1)) * noise * deviation
+    return out
+
+
+def _parametric_draws(prob: _Problem, theta: np.ndarray, n_boot: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n) log losses: the fitted law plus Gaussian noise at the residuals' sd s times
+    the draw's noise scale (degrees of freedom: points - parameters)."""
+    r = _residuals(theta, prob)
+    dof = len(r) - len(theta)
+    sd = np.sqrt(np.sum(r**2) / dof) * _noise_scales(dof, n_boot, rng)
+    return prob.log_loss + r + sd * rng.standard_normal((n_boot, len(r)))
+
+
+def _no_interval_reason(prob: _Problem, theta: np.ndarray) -> str | None:
+    """Why the bootstrap cannot make intervals from these points, or None when it can."""
+    if _method(prob) == "seeds":
+        cells = _cells(prob)
+        distinct = np.unique(np.stack([cells, prob.log_loss], axis=1), axis=0)
+        if len(distinct) == cells.max() + 1:
+            return ("no intervals: every cell's seeds have the same loss, so resampling seeds "
+                    "cannot move the fit")
+        return None
+    dof = len(prob.x) - len(theta)
+    if dof < _MIN_NOISE_DOF:
+        return (f"no intervals: with fewer than {_MIN_SEEDS_PER_CELL} seeds in some cell the "
+                f"noise is measured by the residuals, and {len(prob.x)} points for "
+                f"{len(theta)} parameters leave {dof} degree(s) of freedom ({_MIN_NOISE_DOF} "
+                f"needed); run {_MIN_SEEDS_PER_CELL} or more seeds in every cell, or more sizes")
+    return None
+
+
+def _method(prob: _Problem) -> str:
+    """How the bootstrap draws these points (module docstring)."""
+    return "seeds" if np.all(np.bincount(_cells(prob)) >= _MIN_SEEDS_PER_CELL) else "parametric"
+
+
+@dataclass
+class _Draws:
+    samples: np.ndarray  # natural parameters of the refits, (n_boot, p)
+    failed: float  # share of refits that converged from no start (kept in `samples`)
+    method: str  # "seeds" or "parametric"
+
+
+def _bootstrap(prob: _Problem, theta0: np.ndarray, n_boot: int, seed: int) -> _Draws:
+    """Refits on n_boot draws of the log losses at the data's own points (module docstring)."""
     rng = np.random.default_rng(seed)
-    n = len(prob.x)
-    samples = []
-    for _ in range(n_boot * _MAX_DRAWS_PER_RESAMPLE):
-        sub = prob.subset(rng.integers(0, n, size=n))
-        if _shortage(sub) is not None:
-            continue
-        theta, _ = _minimise(sub, [theta0])
+    method = _method(prob)
+    draws = (_seed_draws(prob, n_boot, rng) if method == "seeds"
+             else _parametric_draws(prob, theta0, n_boot, rng))
+    samples, failed = [], 0
+    for log_loss in draws:
+        sub = replace(prob, log_loss=log_loss)
+        theta, _, converged = _minimise(sub, [theta0, *_best_starts(sub, _BOOT_GRID_STARTS)])
         samples.append(_natural_params(theta, sub))
-        if len(samples) == n_boot:
-            return np.array(samples)
-    raise FitError(
-        f"only {len(samples)} of {n_boot} bootstrap resamples had enough distinct points; "
-        "add runs, or pass n_boot=0 to skip the intervals"
-    )
+        failed += not converged
+    return _Draws(np.array(samples), failed / n_boot, method)
 
 
 def _as_array(values: ArrayLike, name: str) -> np.ndarray:
@@ -337,32 +420,40 @@ def _inputs(
 class _Solution:
     theta: np.ndarray  # centred log-space optimum
     objective: float
-    samples: np.ndarray | None  # natural parameters of the bootstrap refits, (n_boot, p)
+    draws: _Draws | None  # the bootstrap's; None when n_boot=0 or `ci_note` says why not
     ci_note: str | None
 
     def ci(self, names: tuple[str, ...]) -> dict[str, tuple[float, float]]:
-        if self.samples is None:
+        if self.draws is None:
             return {}
-        lo, hi = np.percentile(self.samples, [2.5, 97.5], axis=0)
+        lo, hi = np.percentile(self.draws.samples, [2.5, 97.5], axis=0)
         return {name: (float(lo[i]), float(hi[i])) for i, name in enumerate(names)}
+
+    @property
+    def samples(self) -> np.ndarray | None:
+        return None if self.draws is None else self.draws.samples
+
+    @property
+    def interval_fields(self) -> dict[str, Any]:
+        """ci_note, ci_method and boot_failed, as the fit results hold them."""
+        return {"ci_note": self.ci_note,
+                "ci_method": None if self.draws is None else self.draws.method,
+                "boot_failed": None if self.draws is None else self.draws.failed}
 
 
 def _solve(prob: _Problem, n_boot: int, seed: int) -> _Solution:
     """Multi-start fit of a checked problem, then its bootstrap (n_boot=0: none)."""
     if (msg := _shortage(prob)) is not None:
         raise FitError(msg)
-    grid = _start_grid(prob)
-    starts = grid[np.argsort(_grid_objective(grid, prob), kind="stable")[:_N_STARTS]]
     # L-BFGS-B calls BLAS on 3x3..5x5 problems thousands of times; OpenBLAS
     # threads there slow the fit ~10x on a busy machine.
     with threadpool_limits(limits=1, user_api="blas"):
-        theta, objective = _minimise(prob, list(starts))
-        if n_boot and not _resamples_can_differ(prob):
-            note = ("no intervals: the data hold only the minimum of distinct points, so "
-                    "every usable bootstrap resample repeats the full fit; add runs")
+        theta, objective, _ = _minimise(prob, list(_best_starts(prob, _N_STARTS)))
+        if not n_boot:
+            return _Solution(theta, objective, None, None)
+        if (note := _no_interval_reason(prob, theta)) is not None:
             return _Solution(theta, objective, None, note)
-        samples = _bootstrap(prob, theta, n_boot, seed) if n_boot else None
-    return _Solution(theta, objective, samples, None)
+        return _Solution(theta, objective, _bootstrap(prob, theta, n_boot, seed), None)
 
 
 def fit_scaling_law(
@@ -382,7 +473,8 @@ def fit_scaling_law(
     sol = _solve(prob, n_boot, seed)
     params = dict(zip(prob.names, (float(v) for v in _natural_params(sol.theta, prob))))
     form = "L(N)" if D_arr is None else "L(N,D)"
-    return ScalingFit(form, params, sol.ci(prob.names), len(N_arr), sol.objective, sol.ci_note)
+    return ScalingFit(form, params, sol.ci(prob.names), len(N_arr), sol.objective,
+                      **sol.interval_fields)
 
 
 def holdout_check(N: ArrayLike, loss: ArrayLike, D: ArrayLike | None = None, **kw) -> dict:
@@ -599,6 +691,8 @@ class PrecisionLaw:
     samples: np.ndarray | None  # bootstrap draws of the parameters, columns in `params` order
     bytes: dict[str, BytesRelation]  # per plan with >= 2 distinct N and packed bytes
     ci_note: str | None = None
+    ci_method: str | None = None  # "seeds" or "parametric" (module docstring), with `ci`
+    boot_failed: float | None = None  # share of bootstrap refits that converged from no start
 
     def _loss(self, draws: np.ndarray, N: float, plan: str, D: float | None) -> np.ndarray:
         """Predicted loss for each row of parameter draws (m, p) -> (m,)."""
@@ -666,7 +760,7 @@ class PrecisionLaw:
             "n_points": self.n_points, "objective": self.objective,
             "residual_sd": self.residual_sd, "dof": self.dof,
             "bytes": {p: r.to_json() for p, r in self.bytes.items()},
-            **({"ci_note": self.ci_note} if self.ci_note else {}),
+            **_interval_json(self.ci_note, self.ci_method, self.boot_failed),
         }
 
 
@@ -698,7 +792,7 @@ def fit_precision_law(
     prob = _Problem.from_data(N_arr, loss_arr, D_arr, index, plans)
     sol = _solve(prob, n_boot, seed)
     natural = _natural_params(sol.theta, prob)
-    residuals = _logsumexp(_log_terms(sol.theta, prob), axis=0) - prob.log_loss
+    residuals = _residuals(sol.theta, prob)
     dof = len(N_arr) - len(natural)
     relations = {}
     if packed_bytes is not None:
@@ -715,7 +809,7 @@ def fit_precision_law(
         params=dict(zip(prob.names, (float(v) for v in natural))), ci=sol.ci(prob.names),
         n_points=len(N_arr), objective=sol.objective,
         residual_sd=float(np.sqrt(np.sum(residuals**2) / dof)), dof=dof,
-        samples=sol.samples, bytes=relations, ci_note=sol.ci_note,
+        samples=sol.samples, bytes=relations, **sol.interval_fields,
     )
 
 

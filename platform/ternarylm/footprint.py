@@ -1,5 +1,8 @@
 """Deployment footprint of packed models against FP32: file bytes, resident memory, decode speed.
 
+`describe` sizes a model under a plan without training it (parameters, FLOPs, fp32 and packed
+bytes), from the code that writes the packed file.
+
 Each measurement runs in a fresh subprocess (`python -m ternarylm.footprint`), so that neither
 model's memory or caches help the other:
   resident memory  RSS after `load_packed` minus RSS before it, one process per model;
@@ -10,7 +13,7 @@ model's memory or caches help the other:
 The FP32 model is a packed file too (`embedding_dtype="fp32"`, no plan): it runs in the same
 inference code (fused projections, KV cache) with fp32 weights.
 
-Used by `benchmarks/inference.py` and by the paper-claims report (`ternarylm.claims`).
+Used by `benchmarks/inference.py` and by the paper-claims report (`studies/claims.py`).
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ import gc
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ternarylm.inference import load_packed
-from ternarylm.packing import pack_model, read_packed
+from ternarylm.model import ModelConfig, TernaryLM
+from ternarylm.packing import pack_model, packed_contents, packed_size, read_packed
+from ternarylm.plans import PrecisionPlan, apply_plan
 from ternarylm.quantizers import TERNARY_SCHEMES
 
 PROMPT_TOKENS = 16
@@ -35,13 +40,43 @@ WARMUP_TOKENS = 4
 INT8_PATH = ":int8"  # suffix of a path given to the decode child: run it without our kernels
 
 
+def describe(cfg: ModelConfig, plan: PrecisionPlan, scheme: str) -> dict[str, Any]:
+    """Parameter counts, FLOPs and memory of a model under a plan, built on the meta device.
+
+    `packed_bytes` is the size of the file `ternarylm pack` writes with its default options
+    (int8 embedding and head where training kept them in floating point), sized by the code
+    that writes it; the real file adds its tokenizer's JSON and the trial's provenance.
+    """
+    with torch.device("meta"):
+        model = TernaryLM(cfg)
+        formats = apply_plan(model, plan, scheme, cfg.n_layers)
+    counts = cfg.param_counts()
+    ternary = sum(model.get_submodule(n).weight.numel() for n, f in formats.items()
+                  if f in TERNARY_SCHEMES)
+    packed = packed_size(*packed_contents(model, "", 0))
+    fp32 = 4 * sum(p.numel() for p in model.parameters())
+    return {
+        **counts,
+        "ternary_weights": ternary,
+        "flops_per_token": cfg.flops_per_token(),
+        "fp32_bytes": fp32,
+        "packed_bytes": packed,
+        "packed_assumes": "ternarylm pack defaults (int8 embedding and head where the plan "
+                          "keeps them in fp, 2-bit ternary codes); without the tokenizer JSON "
+                          "and provenance a real file also holds",
+        "compression": fp32 / packed,
+        "formats": dict(sorted({f: sum(1 for v in formats.values() if v == f)
+                                for f in set(formats.values())}.items())),
+    }
+
+
 def write_models(size: str, plan: str, trits: bool, directory: Path,
                  scheme: str = "absmean", seed: int = 0) -> tuple[Path, Path]:
     """The FP32 file and the packed file of one randomly initialised model of `size` (the
     paper's 30,522-token vocabulary): weights and speed do not depend on training."""
     from ternarylm.data import build_tokenizer, eos_id
-    from ternarylm.model import TernaryLM, model_config
-    from ternarylm.plans import apply_plan, preset
+    from ternarylm.model import model_config
+    from ternarylm.plans import preset
 
     tokenizer = build_tokenizer("char", [])  # only stored: decoding here times token ids
     torch.manual_seed(seed)
@@ -64,11 +99,8 @@ def ternary_ratio(path: Path) -> float:
 
 
 def _child(args: list[str]) -> dict:
-    # A neutral working directory: `-m` puts it first on sys.path, and a checkout's
-    # benchmarks/tokenize.py would shadow the standard library there.
-    with tempfile.TemporaryDirectory() as cwd:
-        out = subprocess.run([sys.executable, "-m", "ternarylm.footprint", *args], cwd=cwd,
-                             capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ternarylm.footprint", *args],
+                         capture_output=True, text=True)
     if out.returncode:
         last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
         raise RuntimeError(f"footprint measurement {' '.join(args)} failed: {last}")

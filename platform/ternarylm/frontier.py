@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ternarylm import plots
+from ternarylm import plots, tables
 from ternarylm.fit import FitError, PrecisionLaw, fit_precision_law, plan_label
 from ternarylm.plots import plt
 
@@ -83,16 +83,8 @@ def _table_row(r: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
 def markdown(table: list[dict[str, Any]], columns: tuple[str, ...] = FRONTIER_COLUMNS) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in table]
-    return "\n".join(lines) + "\n"
+    return tables.markdown(table, columns)
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path) -> Path:

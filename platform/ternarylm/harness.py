@@ -40,6 +40,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tokenizers import Tokenizer
 
+from ternarylm import metrics as M
 from ternarylm.errors import UserError
 from ternarylm.identity import content_key
 
@@ -72,11 +73,6 @@ class EvalModel:
     description: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _run_id_of(source: str) -> str | None:
-    """`source` itself when it is not a local path (load_trained accepted it as a run id)."""
-    return None if Path(source).exists() else source
-
-
 def _logged_packed_file(run_id: str) -> Path | None:
     """The packed file `ternarylm pack RUN_ID` logged to the run (under packed/), if any."""
     import mlflow
@@ -100,7 +96,7 @@ def load_eval_model(source: str | Path, packed: bool = False, embedding_dtype: s
     when `source` is a packed file): a run's logged packed file (`ternarylm pack RUN_ID`), else
     the run or directory packed on the fly to a temporary file, floating-point layers in
     `embedding_dtype` (`ternarylm pack`'s default int8; fp32 keeps logits as trained)."""
-    from ternarylm.artifacts import load_trained
+    from ternarylm.artifacts import load_trained, run_id_of
     from ternarylm.inference import load_packed
     from ternarylm.packing import pack_model
 
@@ -111,7 +107,7 @@ def load_eval_model(source: str | Path, packed: bool = False, embedding_dtype: s
         # A file packed from a run names it; one packed from a directory has no run to log to.
         run = prov if re.fullmatch(r"[0-9a-f]{32}", prov) else None
         return _from_packed(pm, source, run)
-    run = _run_id_of(source)
+    run = run_id_of(source)
     logged = _logged_packed_file(source) if packed and run is not None else None
     if logged is not None:
         out = _from_packed(load_packed(logged), source, run)
@@ -126,7 +122,7 @@ def load_eval_model(source: str | Path, packed: bool = False, embedding_dtype: s
             return model(idx.to(device)).float().cpu()
 
         return EvalModel(forward, trained.tokenizer, trained.eos_id, cfg.seq_len, None, trained,
-                         _run_id_of(source), {"source": source, "weights": "latent",
+                         run_id_of(source), {"source": source, "weights": "latent",
                                               "scheme": trained.trial.scheme,
                                               "plan": trained.trial.plan.name,
                                               "size": trained.trial.size})
@@ -136,7 +132,7 @@ def load_eval_model(source: str | Path, packed: bool = False, embedding_dtype: s
                    embedding_dtype=embedding_dtype,
                    provenance={"source": source, "scheme": trained.trial.scheme})
         pm = load_packed(path)
-    out = _from_packed(pm, source, _run_id_of(source))
+    out = _from_packed(pm, source, run_id_of(source))
     out.description |= {"scheme": trained.trial.scheme, "plan": trained.trial.plan.name,
                         "size": trained.trial.size, "embedding_dtype": embedding_dtype}
     return out
@@ -326,7 +322,7 @@ def _metrics(results: dict[str, Any]) -> dict[str, float]:
             metric, filt = key.split(",", 1)
             name = metric if filt == "none" else f"{metric}_{filt}"
             if math.isfinite(float(value)):
-                out[f"eval/{task}/{name}".replace(" ", "_")] = float(value)
+                out[M.lm_eval(task, name)] = float(value)
     return out
 
 
@@ -441,15 +437,15 @@ def _finished_eval(source_run: str, key: str) -> dict[str, Any] | None:
     if run is None:
         return None
     return {"source": source_run, "tasks": run.data.tags[EVAL_TASKS_TAG].split(","),
-            "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")
-                        and k != "eval/seconds"},
-            "seconds": run.data.metrics.get("eval/seconds"), "run_id": run.info.run_id,
+            "metrics": {k: v for k, v in run.data.metrics.items()
+                        if k.startswith(M.EVAL_PREFIX) and k != M.EVAL_SECONDS},
+            "seconds": run.data.metrics.get(M.EVAL_SECONDS), "run_id": run.info.run_id,
             "skipped": True}
 
 
 def _log_child_run(em: EvalModel, names: list[str], summary: dict[str, Any],
                    results: dict[str, Any], key: str) -> str:
-    """The results as a run nested under the source run (tracking's helpers, as glue uses)."""
+    """The results as a run nested under the source run (`tracking.child_run`, as GLUE's)."""
     from mlflow.entities import Metric
 
     from ternarylm import tracking
@@ -461,9 +457,8 @@ def _log_child_run(em: EvalModel, names: list[str], summary: dict[str, Any],
     run_name = (f"{parent.info.run_name or em.source_run[:8]}-eval-"
                 f"{'+'.join(names)[:60]}-{weights}")
     tags = {EVAL_TASKS_TAG: ",".join(names), EVAL_SOURCE_TAG: em.source_run, EVAL_KEY_TAG: key}
-    run_id = tracking.start_run(uri, parent.info.experiment_id, run_name, tags,
-                                parent_run_id=em.source_run)
-    try:
+    with tracking.child_run(uri, parent.info.experiment_id, run_name, tags, em.source_run,
+                            f"eval {','.join(names)}") as run_id:
         params = {"eval.tasks": ",".join(names), "eval.source_run": em.source_run,
                   "eval.weights": weights, "eval.limit": summary["limit"],
                   "eval.num_fewshot": summary["num_fewshot"],
@@ -473,16 +468,11 @@ def _log_child_run(em: EvalModel, names: list[str], summary: dict[str, Any],
                                           for k, v in params.items()})
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, 0) for k, v in summary["metrics"].items()]
-        metrics.append(Metric("eval/seconds", summary["seconds"], now, 0))
-        for i in range(0, len(metrics), 1000):
-            c.log_batch(run_id, metrics=metrics[i:i + 1000])
+        metrics.append(Metric(M.EVAL_SECONDS, summary["seconds"], now, 0))
+        tracking.log_metrics(uri, run_id, metrics)
         with tempfile.TemporaryDirectory() as d:
             keep = {k: results[k] for k in ("results", "versions", "n-shot", "configs",
                                             "higher_is_better", "n-samples") if k in results}
             Path(d, "results.json").write_text(json.dumps(keep, indent=1, default=str))
             tracking.log_artifact(uri, run_id, Path(d, "results.json"), "eval")
-    except BaseException as err:
-        tracking.end_run(uri, run_id, "FAILED", f"eval {','.join(names)} failed: {err}")
-        raise
-    tracking.end_run(uri, run_id, "FINISHED")
     return run_id

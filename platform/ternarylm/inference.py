@@ -10,8 +10,9 @@ the 2-bit kernel ~4x faster than `torch._int_mm` on int8, which beats fp32 sgemv
 and torch's weight-only `_weight_int8pack_mm` (5x slower than fp32 there). Activations are
 quantized per token exactly as in training (`quantize_activations`) and integer sums are exact,
 so logits match the fake-quantized model up to float rounding. q/k/v and gate/up are fused into
-one matmul each, and decoding uses a KV cache; one token at batch 1 goes through each block in a
-single C call (`cpu_kernels.DecodeBlock`) when all its projections run on the kernels.
+one matmul each (the layer table's `fused` groups), and decoding uses a KV cache; one token at
+batch 1 goes through each block in a single C call (`cpu_kernels.DecodeBlock`) when all its
+projections run on the kernels.
 
 Activation quantization is discontinuous, so even the fp32 mode matches training only up to
 rare code flips: float rounding that differs from training's (integer or fused matmuls
@@ -32,7 +33,15 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from ternarylm import cpu_kernels
-from ternarylm.model import BLOCKS, ModelConfig, RMSNorm, apply_rope, relu_squared, rope_tables
+from ternarylm.model import (
+    BLOCKS,
+    LayerSpec,
+    ModelConfig,
+    RMSNorm,
+    apply_rope,
+    relu_squared,
+    rope_tables,
+)
 from ternarylm.packing import read_packed, unpack_weight
 from ternarylm.quantizers import QuantizedWeight, activation_codes, quantize_activations
 
@@ -198,24 +207,30 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> to
 class PackedBlock(nn.Module):
     """model.Block for inference: fused projections, optional KV cache, no dropout."""
 
-    def __init__(self, cfg: ModelConfig, layers: dict[str, nn.Module], prefix: str) -> None:
+    def __init__(self, cfg: ModelConfig, specs: list[LayerSpec],
+                 layers: dict[str, nn.Module]) -> None:
+        """specs: the block's rows of the layer table; layers: packed modules by name."""
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.attn_norm, self.mlp_norm = layers[f"{prefix}.attn_norm"], layers[f"{prefix}.mlp_norm"]
-        self.qkv = fuse([layers[f"{prefix}.attn.{p}"] for p in ("q", "k", "v")])
-        self.o = layers[f"{prefix}.attn.o"]
-        self.gate_up = fuse([layers[f"{prefix}.mlp.{p}"] for p in ("gate", "up")])
-        self.down = layers[f"{prefix}.mlp.down"]
+        role = {s.role: layers[s.name] for s in specs}
+        fused: dict[str, list[nn.Module]] = {}  # the table's fusion groups, in its order
+        for s in specs:
+            if s.fused is not None:
+                fused.setdefault(s.fused, []).append(layers[s.name])
+        self.attn_norm, self.mlp_norm = role["attn_norm"], role["mlp_norm"]
+        self.qkv, self.gate_up = fuse(fused["qkv"]), fuse(fused["gate_up"])
+        self.o, self.down = role["o"], role["down"]
+        self.gated = "gate" in role
         # BitNet blocks (model.BLOCKS): sub-norms before o and down, their gate activation.
         self.activation = BLOCKS[cfg.block].activation
-        self.attn_sub_norm = layers.get(f"{prefix}.attn.sub_norm")
-        self.mlp_sub_norm = layers.get(f"{prefix}.mlp.sub_norm")
+        self.attn_sub_norm = role.get("attn_sub_norm")
+        self.mlp_sub_norm = role.get("mlp_sub_norm")
         self.seq_len = cfg.seq_len
         # Decoding one token: the whole block in one C call when every projection runs on
         # our kernels (built on first use, dropped when the tensors move: it holds pointers).
         self.decodes_in_c = (all(isinstance(m, KernelLinear)
                                  for m in (self.qkv, self.o, self.gate_up, self.down))
-                             and self.activation in (F.silu, relu_squared))
+                             and self.gated and self.activation in (F.silu, relu_squared))
         self._decoder: cpu_kernels.DecodeBlock | None = None
 
     def _apply(self, fn, *args, **kwargs):
@@ -246,8 +261,12 @@ class PackedBlock(nn.Module):
             k, v = kv[0][:, :, :start + T], kv[1][:, :, :start + T]
         y = _attend(q, k, v, start).transpose(1, 2).reshape(B, T, C)
         x = x + self.o(y if self.attn_sub_norm is None else self.attn_sub_norm(y))
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        h = self.activation(gate) * up
+        gate_up = self.gate_up(self.mlp_norm(x))
+        if self.gated:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = self.activation(gate) * up
+        else:
+            h = self.activation(gate_up)
         return x + self.down(h if self.mlp_sub_norm is None else self.mlp_sub_norm(h))
 
 
@@ -258,7 +277,8 @@ class PackedLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed, self.norm, self.head = layers["embed"], layers["norm"], layers["head"]
-        self.blocks = nn.ModuleList(PackedBlock(cfg, layers, f"blocks.{i}")
+        table = cfg.layer_table()
+        self.blocks = nn.ModuleList(PackedBlock(cfg, [s for s in table if s.block == i], layers)
                                     for i in range(cfg.n_layers))
         cos, sin = rope_tables(cfg.seq_len, cfg.width // cfg.n_heads, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)

@@ -98,9 +98,13 @@ WORKER_EXPORT_S = _declare("time/worker_export_s", "s", "worker after the loop: 
                            "model and packed file written, measured and logged", summary=True)
 TRAIN_LOOP_S = _declare("time/train_loop_s", "s", "wall time of the training loop (evaluations "
                         "included)", summary=True, column="train_loop_s")
+EVAL_S = _declare("time/eval_s", "s", "the evaluations inside the training loop (part of "
+                  "time/train_loop_s)", summary=True)
 SETUP_S = _declare("time/setup_s", "s", "driver: checks, data, Ray and MLflow before training")
 FIT_S = _declare("time/fit_s", "s", "driver: Ray Train's fit(), worker group start to end")
 FINISH_S = _declare("time/finish_s", "s", "driver: plots and run closing after training")
+LOGGED_MODEL_S = _declare("time/logged_model_s", "s", "driver: the packed file downloaded and "
+                          "logged as the trial's MLflow model (part of finish_s)")
 TRIAL_WALL_S = _declare("time/trial_wall_s", "s", "the study's view of one trial: Tune "
                         "starting it to Tune seeing it end", summary=True, column="trial_wall_s")
 OUTSIDE_TRAINING_S = _declare("time/outside_training_s", "s", "everything of this launch but "
@@ -115,7 +119,11 @@ STUDY_STOPPED = _declare("study/trials_stopped_early", "trials", "trials stopped
 
 # GLUE fine-tuning child runs.
 GLUE_TRAIN_LOSS = TRAIN_LOSS
-GLUE_DEV_PREFIX, GLUE_BASELINE_PREFIX = "dev/", "baseline/"
+GLUE_DEV_PREFIX, GLUE_BASELINE_PREFIX, GLUE_DELTA_PREFIX = "dev/", "baseline/", "delta/"
+
+# lm-eval harness child runs: eval/<task>/<metric>[_<filter>] as the harness names them.
+EVAL_PREFIX = "eval/"
+EVAL_SECONDS = _declare("eval/seconds", "s", "wall time of one lm-eval harness run")
 
 _BLOCK_SPARSITY = "sparsity/block_{:02d}"
 _BLOCK_RE = re.compile(r"^sparsity/block_(\d+)$")
@@ -170,6 +178,16 @@ def glue_dev(name: str) -> str:
 
 def glue_baseline(name: str) -> str:
     return GLUE_BASELINE_PREFIX + name
+
+
+def glue_delta(name: str) -> str:
+    """Dev metric minus the majority baseline's."""
+    return GLUE_DELTA_PREFIX + name
+
+
+def lm_eval(task: str, name: str) -> str:
+    """One lm-eval harness result: its task and metric (with its filter), spaces as `_`."""
+    return f"{EVAL_PREFIX}{task}/{name}".replace(" ", "_")
 
 
 def study_best(metric: str, size: str, plan: str) -> str:

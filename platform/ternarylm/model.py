@@ -6,8 +6,10 @@ biases. `ModelConfig.block` picks the block variant (`BLOCKS`):
   bitnet  BitNet b1.58 2B4T (arXiv 2504.12285; transformers' models/bitnet): a sub-layer RMSNorm
           before the attention output projection and before the MLP down projection
           (`attn_sub_norm`, `ffn_sub_norm` there) and a squared-ReLU gated MLP, relu(gate)^2 * up
-Precision is not this module's business: `plans.apply_plan` swaps its linears after
-construction. Shapes: B batch, T time, C width, H heads, D = C // H head size, V vocabulary.
+`ModelConfig.layer_table` lists every weight (qualified name, role, block, shape, and its
+Hugging Face and GGUF names) without building the model: plans, packing, the packed model and
+the exporters read it, so a block variant is described here once. Precision is not this
+module's business: `plans.apply_plan` swaps its linears after construction. Shapes: B batch, T time, C width, H heads, D = C // H head size, V vocabulary.
 """
 
 from __future__ import annotations
@@ -41,12 +43,123 @@ class BlockSpec:
     """Gate activation of the gated MLP: down(activation(gate(x)) * up(x))."""
     sub_norms: bool
     """An RMSNorm on the attention output before `o` and on the MLP hidden state before `down`."""
+    gated: bool = True
+    """A gate projection: down(activation(gate(x)) * up(x)); without it down(activation(up(x)))."""
 
 
 BLOCKS: dict[str, BlockSpec] = {
     "llama": BlockSpec(F.silu, sub_norms=False),
     "bitnet": BlockSpec(relu_squared, sub_norms=True),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer table: every weight of the model, derived from its config, read by every backend
+# (plans, packing and the packed model, Hugging Face and GGUF export, analysis, allocation).
+
+
+@dataclass(frozen=True)
+class Role:
+    """What one kind of weight is, wherever it sits, and what other formats call it."""
+
+    kind: str
+    """linear, embedding or norm."""
+    path: str
+    """Module path inside a block (attn.q) or the model (embed)."""
+    hf: str
+    """Parameter name in transformers' LlamaForCausalLM / BitNetForCausalLM ({i}: block)."""
+    gguf: str
+    """Tensor name in llama.cpp (gguf's TENSOR_NAMES, plus .weight)."""
+    fused: str | None = None
+    """The one matmul of the packed model this linear joins (it reads the same input)."""
+
+
+_LAYER = "model.layers.{i}."
+ROLES: dict[str, Role] = {
+    "embedding": Role("embedding", "embed", "model.embed_tokens.weight", "token_embd.weight"),
+    "attn_norm": Role("norm", "attn_norm", _LAYER + "input_layernorm.weight",
+                      "blk.{i}.attn_norm.weight"),
+    "q": Role("linear", "attn.q", _LAYER + "self_attn.q_proj.weight", "blk.{i}.attn_q.weight",
+              "qkv"),
+    "k": Role("linear", "attn.k", _LAYER + "self_attn.k_proj.weight", "blk.{i}.attn_k.weight",
+              "qkv"),
+    "v": Role("linear", "attn.v", _LAYER + "self_attn.v_proj.weight", "blk.{i}.attn_v.weight",
+              "qkv"),
+    "o": Role("linear", "attn.o", _LAYER + "self_attn.o_proj.weight",
+              "blk.{i}.attn_output.weight"),
+    "attn_sub_norm": Role("norm", "attn.sub_norm", _LAYER + "self_attn.attn_sub_norm.weight",
+                          "blk.{i}.attn_sub_norm.weight"),
+    "mlp_norm": Role("norm", "mlp_norm", _LAYER + "post_attention_layernorm.weight",
+                     "blk.{i}.ffn_norm.weight"),
+    "gate": Role("linear", "mlp.gate", _LAYER + "mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight",
+                 "gate_up"),
+    "up": Role("linear", "mlp.up", _LAYER + "mlp.up_proj.weight", "blk.{i}.ffn_up.weight",
+               "gate_up"),
+    "down": Role("linear", "mlp.down", _LAYER + "mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+    "mlp_sub_norm": Role("norm", "mlp.sub_norm", _LAYER + "mlp.ffn_sub_norm.weight",
+                         "blk.{i}.ffn_sub_norm.weight"),
+    "norm": Role("norm", "norm", "model.norm.weight", "output_norm.weight"),
+    "head": Role("linear", "head", "lm_head.weight", "output.weight"),
+}
+
+
+RESIDUAL_ROLES = ("o", "down")  # the projections that write into the residual stream
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One weight of the model: where it is, what it does, its shape and its names elsewhere."""
+
+    name: str
+    """Qualified module name in TernaryLM (blocks.3.attn.q); also the packed file's layer key."""
+    role: str
+    """Key of `ROLES`: q, k, v, o, gate, up, down, head, embedding or a norm."""
+    block: int | None
+    """Transformer block index; None outside the blocks (embedding, final norm, head)."""
+    shape: tuple[int, ...]
+    """The weight's shape: [out, in] for a linear, [vocab, width] for the embedding."""
+
+    @property
+    def kind(self) -> str:
+        return ROLES[self.role].kind
+
+    @property
+    def sublayer(self) -> str | None:
+        """attn or mlp for a layer of a block's attention or MLP (plans set them apart), else
+        None (the block's pre-norms, and everything outside the blocks)."""
+        return ROLES[self.role].path.split(".")[0] if "." in ROLES[self.role].path else None
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def fused(self) -> str | None:
+        return ROLES[self.role].fused
+
+    @property
+    def hf_name(self) -> str:
+        return ROLES[self.role].hf.format(i=self.block)
+
+    @property
+    def gguf_name(self) -> str:
+        return ROLES[self.role].gguf.format(i=self.block)
+
+
+def block_roles(block: str) -> list[str]:
+    """The roles of one block of a variant, in the order its modules are registered."""
+    spec = BLOCKS[block]
+    attn = ["attn_norm", "q", "k", "v", "o"] + (["attn_sub_norm"] if spec.sub_norms else [])
+    mlp = ["mlp_norm"] + (["gate"] if spec.gated else []) + ["up", "down"]
+    return attn + mlp + (["mlp_sub_norm"] if spec.sub_norms else [])
 
 
 @dataclass
@@ -96,28 +209,35 @@ class ModelConfig:
     def mlp_hidden(self) -> int:
         return int(self.mlp_ratio * self.width)
 
-    def linear_names(self) -> list[str]:
-        """Qualified names of the model's nn.Linear modules, without building it (a precision
-        plan is resolved against them when a config is validated)."""
-        return [f"blocks.{i}.{part}" for i in range(self.n_layers)
-                for part in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up",
-                             "mlp.down")] + ["head"]
+    def layer_table(self) -> list[LayerSpec]:
+        """Every weight of the model, in TernaryLM's module order, without building it (a
+        precision plan is resolved against it when a config is validated)."""
+        c, h, v = self.width, self.mlp_hidden, self.vocab_size
+        shapes = {"q": (c, c), "k": (c, c), "v": (c, c), "o": (c, c), "gate": (h, c),
+                  "up": (h, c), "down": (c, h), "attn_sub_norm": (c,), "mlp_sub_norm": (h,),
+                  "attn_norm": (c,), "mlp_norm": (c,)}
+        table = [LayerSpec("embed", "embedding", None, (v, c))]
+        for i in range(self.n_layers):
+            table += [LayerSpec(f"blocks.{i}.{ROLES[r].path}", r, i, shapes[r])
+                      for r in block_roles(self.block)]
+        return table + [LayerSpec("norm", "norm", None, (c,)),
+                        LayerSpec("head", "head", None, (v, c))]
 
     def param_counts(self) -> dict[str, int]:
         """Exact parameter counts, without building the model."""
-        c, h = self.width, self.mlp_hidden
-        block_linear = 4 * c * c + 3 * c * h
-        embedding = self.vocab_size * c
-        head = 0 if self.tie_head else self.vocab_size * c
-        sub_norms = c + h if BLOCKS[self.block].sub_norms else 0
-        norms = self.n_layers * (2 * c + sub_norms) + c
+        table = self.layer_table()
+        blocks = sum(s.numel for s in table if s.block is not None)
+        block_linear = sum(s.numel for s in table if s.block is not None and s.kind == "linear")
+        embedding = sum(s.numel for s in table if s.role == "embedding")
+        head = 0 if self.tie_head else sum(s.numel for s in table if s.role == "head")
+        # Kaplan et al.'s N: the blocks and final norm, without the vocabulary matrices.
+        non_embedding = blocks + sum(s.numel for s in table if s.role == "norm")
         return {
-            "params_total": embedding + head + self.n_layers * block_linear + norms,
+            "params_total": embedding + head + non_embedding,
             "params_embedding": embedding,
             "params_head": head,
-            # Kaplan et al.'s N: the blocks, without the vocabulary matrices (embedding, head).
-            "params_non_embedding": self.n_layers * block_linear + norms,
-            "params_block_linear": self.n_layers * block_linear,
+            "params_non_embedding": non_embedding,
+            "params_block_linear": block_linear,
         }
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
@@ -127,8 +247,8 @@ class ModelConfig:
         forward pass, times 3 for forward + backward (Kaplan et al. 2020; PaLM appendix B).
         """
         t = seq_len or self.seq_len
-        matmul_params = self.n_layers * (4 * self.width ** 2 + 3 * self.width * self.mlp_hidden)
-        matmul_params += self.vocab_size * self.width  # the head is a matmul even when tied
+        # The head is a matmul even when tied.
+        matmul_params = sum(s.numel for s in self.layer_table() if s.kind == "linear")
         return 6 * matmul_params + 12 * self.n_layers * t * self.width
 
 
@@ -213,19 +333,21 @@ class Attention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(activation(gate(x)) * up(x)): SwiGLU (llama) or ReLU^2 GLU with a sub-norm (bitnet)."""
+    """down(activation(gate(x)) * up(x)): SwiGLU (llama) or ReLU^2 GLU with a sub-norm (bitnet);
+    down(activation(up(x))) for a variant without a gate."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         spec = BLOCKS[cfg.block]
         self.activation = spec.activation
-        self.gate = nn.Linear(cfg.width, cfg.mlp_hidden, bias=False)
+        self.gate = nn.Linear(cfg.width, cfg.mlp_hidden, bias=False) if spec.gated else None
         self.up = nn.Linear(cfg.width, cfg.mlp_hidden, bias=False)
         self.down = nn.Linear(cfg.mlp_hidden, cfg.width, bias=False)
         self.sub_norm = RMSNorm(cfg.mlp_hidden) if spec.sub_norms else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.activation(self.gate(x)) * self.up(x)
+        h = (self.activation(self.up(x)) if self.gate is None
+             else self.activation(self.gate(x)) * self.up(x))
         return self.down(h if self.sub_norm is None else self.sub_norm(h))
 
 
@@ -255,9 +377,10 @@ class TernaryLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         # GPT-2's scaled init of residual projections keeps the residual stream's variance flat.
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.o.weight", "mlp.down.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        for layer in cfg.layer_table():
+            if layer.role in RESIDUAL_ROLES:
+                nn.init.normal_(self.get_submodule(layer.name).weight,
+                                std=0.02 / math.sqrt(2 * cfg.n_layers))
         if cfg.tie_head:
             self.head.weight = self.embed.weight
 

@@ -30,18 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from ternarylm.errors import UserError
-from ternarylm.model import RMSNorm, TernaryLM
-from ternarylm.quantizers import FP, Int8, QuantEmbedding, QuantizedWeight, QuantLinear
+from ternarylm.model import LayerSpec, TernaryLM
+from ternarylm.plans import ConvertedLayer, convert
+from ternarylm.quantizers import FP, Int8, QuantizedWeight
 
 FORMAT_VERSION = 1
 CONFIG_KEY, SHA256_KEY = "ternarylm.config", "ternarylm.sha256"
 EMBEDDING_DTYPES = ("int8", "fp16", "fp32")
-VOCAB_LAYERS = ("embed", "head")  # the vocabulary matrices, stored at `embedding_dtype`
+VOCAB_ROLES = ("embedding", "head")  # the vocabulary matrices, stored at `embedding_dtype`
 PACKED_ARTIFACT_PATH = "packed"  # where `pack` logs the file in the trial's MLflow run
 # packing -> (base, digits per byte)
 PACKINGS: dict[str, tuple[int, int]] = {"2bit": (4, 4), "trit": (3, 5), "4bit": (16, 2),
@@ -99,30 +99,30 @@ class PackResult:
     logged_to_run: str | None = None
 
 
-def _float_dtype(name: str, embedding_dtype: str) -> str:
+def _float_dtype(spec: LayerSpec, embedding_dtype: str) -> str:
     """Storage of a layer training kept in floating point: the embedding and head follow
     `embedding_dtype`; a block linear the plan kept in fp stays a float (fp16, or fp32 in the
     exact mode), so that the packed model is the model whose quality was measured."""
-    if name in VOCAB_LAYERS or embedding_dtype == "fp32":
+    if spec.role in VOCAB_ROLES or embedding_dtype == "fp32":
         return embedding_dtype
     return "fp16"
 
 
-def _layer(module: nn.Module, dtype: str, trits: bool) -> tuple[dict, dict]:
-    """(table entry, tensors without the layer-name prefix) of one linear or embedding;
-    `dtype` is the storage of a floating-point layer (`_float_dtype`)."""
-    kind = "embedding" if isinstance(module, nn.Embedding) else "linear"
-    shape = list(module.weight.shape)
-    if isinstance(module, (QuantLinear, QuantEmbedding)):
-        fmt, q = module.format, module.weight_quantizer.quantize(module.weight)
-        activation_bits = getattr(module, "activation_bits", None)
-    elif dtype == "int8":
-        fmt, q = FP, Int8().quantize(module.weight)
-        activation_bits = INT8_FP_ACTIVATION_BITS
-    else:
+def _layer(layer: ConvertedLayer, dtype: str, trits: bool) -> tuple[dict, dict]:
+    """(table entry, tensors without the layer-name prefix) of one converted weight; `dtype`
+    is the storage of a floating-point linear or embedding (`_float_dtype`)."""
+    kind, shape = layer.spec.kind, list(layer.weight.shape)
+    if kind == "norm":
+        entry = {"kind": kind, "format": FP, "packing": "fp32", "shape": shape,
+                 "activation_bits": None}
+        return entry, {"weight": layer.weight.float()}
+    fmt, q, activation_bits = layer.format, layer.quantized, layer.activation_bits
+    if q is None and dtype == "int8":
+        q, activation_bits = Int8().quantize(layer.weight), INT8_FP_ACTIVATION_BITS
+    elif q is None:
         entry = {"kind": kind, "format": FP, "packing": dtype, "shape": shape,
                  "activation_bits": None}
-        return entry, {"weight": module.weight.detach().to(FLOAT_DTYPES[dtype])}
+        return entry, {"weight": layer.weight.to(FLOAT_DTYPES[dtype])}
     packing = _packing(q.bits, trits)
     entry = {"kind": kind, "format": fmt, "packing": packing, "shape": shape, "bits": q.bits,
              "activation_bits": activation_bits if kind == "linear" else None}
@@ -138,16 +138,8 @@ def pack_tensors(model: TernaryLM, embedding_dtype: str = "int8",
                         f"got {embedding_dtype!r}")
     table: dict[str, dict] = {}
     tensors: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, RMSNorm):
-            entry = {"kind": "norm", "format": FP, "packing": "fp32",
-                     "shape": list(module.weight.shape), "activation_bits": None}
-            parts = {"weight": module.weight.detach().float()}
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            entry, parts = _layer(module, _float_dtype(name, embedding_dtype), trits)
-        else:
-            continue
-        table[name] = entry
+    for name, layer in convert(model).items():
+        table[name], parts = _layer(layer, _float_dtype(layer.spec, embedding_dtype), trits)
         tensors |= {f"{name}.{k}": v.contiguous() for k, v in parts.items()}
     return table, tensors
 
@@ -237,14 +229,14 @@ def pack(source: str, out: str | Path | None = None, *, embedding_dtype: str = "
 
     A run id's packed file is also logged to that run under `packed/`.
     """
-    from ternarylm.artifacts import load_trained
+    from ternarylm.artifacts import load_trained, run_id_of
 
     trained = load_trained(source)
     out = Path(out or f"{Path(source).name}.packed.safetensors")
     result = pack_model(trained.model, out, trained.tokenizer, trained.eos_id,
                         embedding_dtype=embedding_dtype, trits=trits,
                         provenance=provenance(trained.trial))
-    if not Path(source).is_dir():  # load_trained accepted it, so it is a run id
+    if run_id_of(source) is not None:
         from ternarylm import tracking  # imports mlflow: only when there is a run to log to
 
         tracking.log_artifact(tracking.tracking_uri(), source, out, PACKED_ARTIFACT_PATH)

@@ -1,7 +1,9 @@
 """Precision plans: which weight format every linear layer gets, chosen by qualified name.
 
-A plan is applied by a converter (`apply_plan`) that swaps `nn.Linear` and `nn.Embedding`
-modules of a built model, so the model code never knows about precision. Resolution order,
+A plan is applied (torchao's "prepare") by `apply_plan`, which swaps the `nn.Linear` and
+`nn.Embedding` modules of a built model's layer table, so the model code never knows about
+precision; `convert` turns the trained model into per-layer quantized weights (format, codes,
+scales per qualified name) for deployment and analysis. Resolution order,
 later rules overriding earlier ones, for each linear inside a transformer block
 (`blocks.<i>.attn.*` / `blocks.<i>.mlp.*`):
 
@@ -17,28 +19,29 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 import yaml
 
 from ternarylm.errors import UserError, yaml_problem
+from ternarylm.model import LayerSpec, TernaryLM
 from ternarylm.quantizers import (
     FORMATS,
     FP,
     TERNARY_SCHEMES,
     WEIGHT_FORMATS,
     QuantEmbedding,
+    QuantizedWeight,
     QuantLinear,
 )
 
 TERNARY = "ternary"
 PLAN_FORMATS = (TERNARY, *FORMATS)
 EMBEDDING_FORMATS = (FP, "int8", "int4")
-_BLOCK_LINEAR = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.")
 
 
 class PlanError(UserError):
@@ -114,8 +117,9 @@ class PrecisionPlan:
     def _count(self, k: int | float, n_layers: int) -> int:
         return round(k * n_layers) if 0 < k < 1 else int(k)
 
-    def resolve(self, linear_names: list[str], n_layers: int, scheme: str) -> dict[str, str]:
-        """Concrete format of every named linear for a model of `n_layers` blocks."""
+    def resolve(self, layers: list[LayerSpec], n_layers: int, scheme: str) -> dict[str, str]:
+        """Concrete format of every linear of a layer table (`ModelConfig.layer_table`) for a
+        model of `n_layers` blocks."""
         if scheme not in TERNARY_SCHEMES:
             raise PlanError(f"unknown ternary scheme {scheme!r}; choose one of "
                             f"{', '.join(TERNARY_SCHEMES)}")
@@ -127,9 +131,9 @@ class PrecisionPlan:
             if i >= n_layers:
                 raise PlanError(f"precision plan {self.name!r}: block index {i} is out of range "
                                 f"for a model with {n_layers} blocks (0..{n_layers - 1})")
-        formats = {}
-        for name in linear_names:
-            formats[name] = self._block_format(name, n_layers, first, last)
+        linears = [s for s in layers if s.kind == "linear"]
+        linear_names = [s.name for s in linears]
+        formats = {s.name: self._block_format(s, n_layers, first, last) for s in linears}
         for pattern, fmt in self.overrides.items():
             selected = fnmatch.filter(linear_names, pattern)
             if not selected:
@@ -138,16 +142,13 @@ class PrecisionPlan:
             formats.update(dict.fromkeys(selected, fmt))
         return {n: scheme if f == TERNARY else f for n, f in formats.items()}
 
-    def _block_format(self, name: str, n_layers: int, first: int, last: int) -> str:
-        match = _BLOCK_LINEAR.match(name)
-        if match is None:
+    def _block_format(self, layer: LayerSpec, n_layers: int, first: int, last: int) -> str:
+        if layer.block is None:
             return self.head
-        block, kind = int(match.group(1)), match.group(2)
-        fmt = self.default
-        fmt = (self.attention if kind == "attn" else self.mlp) or fmt
-        if block < first or block >= n_layers - last:
+        fmt = (self.attention if layer.sublayer == "attn" else self.mlp) or self.default
+        if layer.block < first or layer.block >= n_layers - last:
             fmt = self.boundary_format
-        return self.blocks.get(block, fmt)
+        return self.blocks.get(layer.block, fmt)
 
     def to_flat(self) -> dict[str, Any]:
         """Flat string/number dict, e.g. for MLflow params."""
@@ -238,20 +239,63 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def apply_plan(model: nn.Module, plan: PrecisionPlan, scheme: str, n_layers: int) -> dict[str, str]:
-    """Swap the model's linears and embeddings for quantized ones; returns name -> format."""
-    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    formats = plan.resolve(linears, n_layers, scheme)
+def apply_plan(model: TernaryLM, plan: PrecisionPlan, scheme: str,
+               n_layers: int) -> dict[str, str]:
+    """Prepare (for training): swap the linears and embedding of the model's layer table for
+    quantized ones; returns name -> format."""
+    table = model.cfg.layer_table()
+    formats = plan.resolve(table, n_layers, scheme)
     for name, fmt in formats.items():
         if fmt == FP:
             continue
-        linear = model.get_submodule(name)
         _set_submodule(model, name, QuantLinear.from_linear(
-            linear, WEIGHT_FORMATS[fmt](), plan.activation_bits))
+            model.get_submodule(name), WEIGHT_FORMATS[fmt](), plan.activation_bits))
     if plan.embedding != FP:
-        for name, m in list(model.named_modules()):
-            if type(m) is nn.Embedding:
-                _set_submodule(model, name, QuantEmbedding.from_embedding(
-                    m, WEIGHT_FORMATS[plan.embedding]()))
-                formats[name] = plan.embedding
+        for layer in table:
+            if layer.kind == "embedding":
+                _set_submodule(model, layer.name, QuantEmbedding.from_embedding(
+                    model.get_submodule(layer.name), WEIGHT_FORMATS[plan.embedding]()))
+                formats[layer.name] = plan.embedding
     return formats
+
+
+@dataclass
+class ConvertedLayer:
+    """One weight of a prepared, trained model as deployment takes it (`convert`)."""
+
+    spec: LayerSpec
+    format: str
+    """Weight format (absmean, int8, ...), or fp for norms and layers training kept in float."""
+    weight: torch.Tensor
+    """The trained weight (the latent one of a quantized layer), detached."""
+    quantized: QuantizedWeight | None
+    """Codes and scale exactly as the forward pass uses them; None for a float layer."""
+    activation_bits: int | None
+    """Per-token bits of a quantized linear's input; None for float input and other layers."""
+    initial_scale: torch.Tensor | None = None
+    """The scale a learned quantizer started from; None for the other formats."""
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight the forward pass uses: codes x scale, or a copy of the float one."""
+        if self.quantized is None:
+            return self.weight.float().clone()
+        return self.quantized.codes.float() * self.quantized.scale.float()
+
+
+@torch.no_grad()
+def convert(model: TernaryLM) -> dict[str, ConvertedLayer]:
+    """Convert (for deployment): every weight of a prepared (`apply_plan`) model, in layer-table
+    order, as its format, codes and scales; packing, export, analysis, allocation and GLUE read
+    this instead of the modules. A meta-device model gives meta tensors (to size a file)."""
+    return {spec.name: _converted(spec, model.get_submodule(spec.name))
+            for spec in model.cfg.layer_table()}
+
+
+def _converted(spec: LayerSpec, module: nn.Module) -> ConvertedLayer:
+    weight = module.weight.detach()
+    if not isinstance(module, (QuantLinear, QuantEmbedding)):
+        return ConvertedLayer(spec, FP, weight, None, None)
+    quantizer = module.weight_quantizer
+    return ConvertedLayer(spec, module.format, weight, quantizer.quantize(module.weight),
+                          getattr(module, "activation_bits", None),
+                          getattr(quantizer, "initial_scale", None))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ternarylm import metrics as M
-from ternarylm import frontier, plots, tracking
+from ternarylm import frontier, plots, tables, tracking
 from ternarylm.analysis import has_ternary_layers
 from ternarylm.config import TrialConfig
 from ternarylm.fit import FitError, compare_to_baseline, fit_scaling_law, holdout_check
@@ -32,7 +32,7 @@ def collect(trials: list[TrialConfig], uri: str) -> list[dict[str, Any]]:
     for t in trials:
         run = tracking.find_trial_run(uri, t.experiment, t.key())
         finals = M.finals(run.data.metrics) if run else {}
-        shape = t.model_config(vocab_size=256)  # block parameters do not depend on it
+        shape = t.shape
         row = {"name": t.run_name, "size": t.size, "plan": t.plan.name, "recipe": t.recipe,
                "seed": t.seed, "lr": t.train.lr,
                "scheme": t.scheme if has_ternary_layers(shape, t.plan) else "-",
@@ -97,20 +97,12 @@ def write_table(rows: list[dict[str, Any]], directory: Path) -> None:
     (directory / "results.md").write_text(markdown_table(rows))
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     recipe = ("recipe",) if any(r["recipe"] for r in rows) else ()  # a study over recipes
     # lr: the cell's peak rate (its lr search's choice, when the study searched).
     cols = ("size", *recipe, "scheme", "plan", "seed", "lr", "N", "D", "status", "val_loss",
             "val_ppl", "val_bpb", "train_val_ratio", "sparsity", "packed_bytes")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return tables.markdown(rows, cols)
 
 
 def time_line(rows: list[dict[str, Any]], trained: list[str]) -> str | None:
@@ -155,10 +147,33 @@ def log_parent_summary(uri: str, parent_run_id: str, rows: list[dict[str, Any]],
 
     now = int(time.time() * 1000)
     values = best_per_cell(rows) | fit_constants(fits)
-    items = [Metric(k, float(v), now, 0) for k, v in values.items()]
+    tracking.log_metrics(uri, parent_run_id, [Metric(k, float(v), now, 0)
+                                              for k, v in values.items()])
+
+
+TABLE_FILES = ("tables/results.json", "tables/frontier.json")
+"""The parent run's MLflow tables (`log_table`): its results and its frontier, which the run
+page's artifact view shows as tables and MLflow's table APIs read (`load_table`)."""
+
+
+def log_tables(uri: str, parent_run_id: str, rows: list[dict[str, Any]],
+               front: list[dict[str, Any]]) -> None:
+    """Log both tables; a rerun's tables replace the earlier ones (`log_table` would append
+    the same trials again), in the file format `log_table` writes."""
+    import pandas as pd
+
     c = tracking.client(uri)
-    for i in range(0, len(items), 1000):
-        c.log_batch(parent_run_id, metrics=items[i:i + 1000])
+    logged = {a.path for a in c.list_artifacts(parent_run_id, "tables")}
+    for path, table, cols in ((TABLE_FILES[0], rows, COLUMNS),
+                              (TABLE_FILES[1], front, frontier.FRONTIER_COLUMNS)):
+        data = pd.DataFrame({col: [r.get(col) for r in table] for col in cols})
+        if path not in logged:
+            c.log_table(parent_run_id, data, path)
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            local = Path(d, Path(path).name)
+            data.to_json(local, orient="split", index=False, date_format="iso")
+            c.log_artifact(parent_run_id, str(local), str(Path(path).parent))
 
 
 def report_lr_search(choices: list, parent_run_id: str, uri: str) -> dict[str, Any]:
@@ -204,6 +219,7 @@ def report_study(study, trials: list[TrialConfig], parent_run_id: str, uri: str,
         front = frontier.write_frontier(rows, d)  # plans compared at equal deployable bytes
         law = frontier.write_precision_law(rows, d)
         tracking.log_artifact(uri, parent_run_id, d, "results")
+    log_tables(uri, parent_run_id, rows, front["frontier"])
     statuses = [r["status"] for r in rows]
     for name, value in ((M.STUDY_TRIALS, len(rows)), (M.STUDY_FINISHED, statuses.count("FINISHED")),
                         (M.STUDY_FAILED, statuses.count("FAILED")),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ternarylm import metrics as M
-from ternarylm import tracking
+from ternarylm import run_inputs, tracking
 from ternarylm.analysis import has_ternary_layers
 from ternarylm.cohort import DEFAULT_COHORT_SIZE, form_cohorts, run_cohort
 from ternarylm.identity import NUMERICS_VERSIONS
@@ -181,7 +181,7 @@ class StudyConfig:
         axis = []
         for plan in self.plans:
             first = self._trial(size, self.seeds[0], {"scheme": self.schemes[0], "plan": plan})
-            ternary = has_ternary_layers(_shape(first), plan)
+            ternary = has_ternary_layers(first.shape, plan)
             for scheme in self.schemes if ternary else self.schemes[:1]:
                 label = f"{scheme if ternary else '-'}/{plan.name}"
                 axis.append((label, {"scheme": scheme, "plan": plan}))
@@ -215,11 +215,6 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
-
-
-def _shape(t: TrialConfig) -> ModelConfig:
-    """The trial's model shape where the vocabulary does not matter (block parameters, plans)."""
-    return t.model_config(vocab_size=256)
 
 
 def trial_vocab(t: TrialConfig) -> tuple[int, str]:
@@ -432,12 +427,14 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
     for path in {t.storage_path for t in trials}:
         check_storage(path)
     address = ray_address()
-    for data in {repr(t.data): t.data for t in trials}.values():
-        prepare_data(data)  # once, here: trials find the cache
+    # Once, here: trials find the cache.
+    caches = [(d, prepare_data(d)) for d in {repr(t.data): t.data for t in trials}.values()]
     tracking.check_tracking(uri)
     address = connect_ray(address)
     check_capacity(trials)
     parent = open_study_run(study, experiment, uri)
+    for data, cache in caches:  # the parent's Dataset column; the trials then find the rows
+        run_inputs.log_datasets(uri, parent, data, cache)
     notice = tracking.stale_key_notice(uri, tracking.ensure_experiment(experiment, uri),
                                        NUMERICS_VERSIONS["trial"])
     if notice:  # here, once: the trials' Tune actors then find the experiment tagged
@@ -461,6 +458,8 @@ def run_study(study: StudyConfig, storage_path: str | None = None) -> dict[str, 
     for key in ("trained", "skipped"):
         summary[key] = sorted(summary[key])
     tracking.end_run(uri, parent, "FINISHED")
+    print(f"MLflow: {tracking.ui_link(uri, tracking.ensure_experiment(experiment, uri))}",
+          flush=True)
     return summary
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,7 +31,7 @@ NUMERICS_VERSION_TAG = "ternarylm.numerics_version"
 on an experiment: the version whose stale-key notice was given."""
 PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
-_BATCH = 100  # MLflow's REST API caps a log_batch at 1,000 metrics and 100 params
+_PARAM_BATCH, _METRIC_BATCH = 100, 1000  # MLflow's REST API caps of one log_batch
 
 
 def quiet_mlflow() -> None:
@@ -50,6 +53,20 @@ def tracking_uri() -> str:
 
 def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+@contextmanager
+def global_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` for the block, then put back. A few
+    MLflow calls ignore their client's URI and use it: `Model.log`, and the SQL registry's
+    `create_model_version`, which looks a `models:/<id>` source up with `MlflowClient()`.
+    `set_tracking_uri` mirrors the URI into MLFLOW_TRACKING_URI, so that variable is what was."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def check_tracking(uri: str) -> None:
@@ -79,7 +96,8 @@ def ensure_experiment(name: str, uri: str) -> str:
         # `ray job submit` working dir deletes; keep artifacts beside the database instead.
         artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
     try:
-        # The kind tag opens the experiment in the UI's model-training view (not GenAI's).
+        # The kind tag lists the experiment as "Machine learning"; which view opens is the
+        # link's choice (`ui_link`).
         return c.create_experiment(name, artifact_location=artifact_location,
                                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     except mlflow.exceptions.MlflowException:
@@ -136,11 +154,10 @@ def stale_key_notice(uri: str, experiment_id: str, version: int) -> str | None:
 
 def start_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
               parent_run_id: str | None = None) -> str:
-    """A new run (RUNNING) with our tags, the package version and the git commit."""
+    """A new run (RUNNING) with our tags, the package version and its source (the parent's,
+    for a trial of a study: its driver is a Tune actor, not the command that ran)."""
     tags = {**tags, "ternarylm.version": ternarylm.__version__, "mlflow.runName": run_name}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+    tags |= source_tags(uri, parent_run_id)
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
     return client(uri).create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
@@ -169,26 +186,87 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", reason: str | None 
     c.set_terminated(run_id, status=status)
 
 
+@contextmanager
+def child_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
+              parent_run_id: str, step: str) -> Iterator[str]:
+    """A run nested under `parent_run_id` for one `step` on a trained model (a GLUE fine-tune,
+    an lm-eval run): FINISHED when the body returns; FAILED with the error, re-raised, when
+    it does not (Ctrl-C included), so a rerun never mistakes it for done."""
+    run_id = start_run(uri, experiment_id, run_name, tags, parent_run_id=parent_run_id)
+    try:
+        yield run_id
+    except BaseException as err:
+        end_run(uri, run_id, "FAILED", f"{step} failed: {err}")
+        raise
+    end_run(uri, run_id, "FINISHED")
+
+
+def log_metrics(uri: str, run_id: str, items: list[Metric]) -> None:
+    """Metrics in batches of the REST API's limit."""
+    c = client(uri)
+    for i in range(0, len(items), _METRIC_BATCH):
+        c.log_batch(run_id, metrics=items[i:i + _METRIC_BATCH])
+
+
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     """Log params once; a run resumed with the same config re-logs nothing."""
     c = client(uri)
     existing = c.get_run(run_id).data.params
     items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
-    for i in range(0, len(items), _BATCH):
-        c.log_batch(run_id, params=items[i:i + _BATCH])
+    for i in range(0, len(items), _PARAM_BATCH):
+        c.log_batch(run_id, params=items[i:i + _PARAM_BATCH])
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
     client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+SOURCE_TAGS = ("mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit",
+               "mlflow.source.git.dirty")
+"""What the UI's Source column shows (name, and the commit beside it), and whether the
+working tree had uncommitted changes (`mlflow.source.git.dirty`, ours: MLflow has none)."""
+
+
+def source_tags(uri: str, parent_run_id: str | None = None) -> dict[str, str]:
+    """The running command (`ternarylm train`, `studies/scaling.py`...) and the package's git
+    commit and dirty flag; a child run copies its parent's."""
+    if parent_run_id:
+        parent = client(uri).get_run(parent_run_id).data.tags
+        return {k: parent[k] for k in SOURCE_TAGS if k in parent}
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    name = " ".join([script, *sys.argv[1:2]]) if script == "ternarylm" else script
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "LOCAL"}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["mlflow.source.git.dirty"] = str(_git("status", "--porcelain",
+                                                   "--untracked-files=no") != "").lower()
+    return tags
+
+
 def git_commit() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def _git(*args: str) -> str:
+    """The package checkout's `git ARGS` output ("" outside a checkout or without git)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        out = subprocess.run(["git", *args], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def ui_link(uri: str, experiment_id: str) -> str:
+    """Where the experiment's runs open in the UI's model-training view. MLflow 3's UI picks
+    its view from the link's `workflowType`, else from the browser's last choice, else GenAI:
+    it ignores the experiment's kind tag (mlflow/server/js: `useExperimentKind` reads the
+    workflow type whenever the workflow switch is on, and the switch is always on)."""
+    path = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"http://127.0.0.1:5000/{path} (after `mlflow ui --backend-store-uri {uri}`)"
 
 
 class Tracker(Protocol):
@@ -227,9 +305,7 @@ class MlflowTracker:
     def flush(self) -> None:
         if not self.enabled or not self.buffer:
             return
-        c = client(self.uri)
-        for i in range(0, len(self.buffer), 1000):
-            c.log_batch(self.run_id, metrics=self.buffer[i:i + 1000])
+        log_metrics(self.uri, self.run_id, self.buffer)
         self.buffer = []
 
     def set_tags(self, tags: dict[str, Any]) -> None:

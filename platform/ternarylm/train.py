@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,9 @@ from ternarylm.optim import TrainSchedule, param_groups
 from ternarylm.packing import PACKED_ARTIFACT_PATH, pack_model, provenance
 from ternarylm.plans import apply_plan
 from ternarylm.quantizers import TERNARY_SCHEMES
-from ternarylm.worker import TrialRuntime
+
+if TYPE_CHECKING:  # the worker entry point calls this module, never the other way
+    from ternarylm.worker import TrialRuntime
 
 CHECKPOINT_TAG = "ckpt"
 DIVERGED_TAG = "ternarylm.diverged"
@@ -212,7 +214,7 @@ class _Loop:
         import ray.train
 
         t = self.cfg.train
-        loop_start = time.perf_counter()
+        loop_start, eval_s = time.perf_counter(), 0.0
         self.log.set_tags({FINGERPRINTS_TAG: batch_fingerprints(self.sampler, step, self.place)})
         window_start, window_tokens = time.perf_counter(), 0
         while step < t.steps:
@@ -229,9 +231,12 @@ class _Loop:
                                              window_tokens / elapsed)
                 window_start, window_tokens = time.perf_counter(), 0
             if step % t.eval_every == 0 or step == t.steps:
+                eval_start = time.perf_counter()
                 metrics |= self.evaluate(step)
+                eval_s += time.perf_counter() - eval_start
             if step == t.steps:  # what this launch spent outside the training loop, for reports
-                metrics |= launch | {M.TRAIN_LOOP_S: time.perf_counter() - loop_start}
+                metrics |= launch | {M.TRAIN_LOOP_S: time.perf_counter() - loop_start,
+                                     M.EVAL_S: eval_s}
             self.log.log(step, {k: v for k, v in metrics.items() if k != "step"})
             if step % t.checkpoint_every == 0 or step == t.steps:
                 self.log.flush()  # before the checkpoint: a resume never leaves a gap

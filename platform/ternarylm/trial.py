@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ternarylm import metrics as M
-from ternarylm import plots, tracking
+from ternarylm import logged_model, plots, run_inputs, tracking
 from ternarylm.cluster import (check_capacity, check_storage, cluster_watch, connect_ray,
                                ray_address, storage_path)
 from ternarylm.config import TrialConfig
@@ -109,18 +109,20 @@ def build_trainer(cfg: TrialConfig, runtime: TrialRuntime, callbacks: list | Non
                         f"trial-{cfg.key()}-{runtime.run_id[:12]}", callbacks)
 
 
-def preflight(cfgs: list[TrialConfig], uri: str) -> str | None:
+def preflight(cfgs: list[TrialConfig], uri: str) -> tuple[str | None, dict[str, Any]]:
     """Every check before an MLflow run exists (bad input leaves no run half made), then Ray
-    joined or started; returns the cluster's address (None: a cluster of our own)."""
+    joined or started; returns the cluster's address (None: a cluster of our own) and each
+    corpus prepared, by `repr` of its DataConfig."""
     for path in {storage_path(c) for c in cfgs}:
         check_storage(path)
     address = ray_address()
-    for data in {repr(c.data): c.data for c in cfgs}.values():
-        prepare_data(data)  # fails on bad data before any worker starts; workers hit the cache
+    # Fails on bad data before any worker starts; workers hit the cache.
+    prepared = {key: prepare_data(data) for key, data in {repr(c.data): c.data
+                                                          for c in cfgs}.items()}
     tracking.check_tracking(uri)
     address = connect_ray(address)
     check_capacity(cfgs)
-    return address
+    return address, prepared
 
 
 def fit_trainer(trainer, uri: str, run_ids: list[str], watch: str | None, what: str):
@@ -147,11 +149,12 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
     """
     t0 = time.perf_counter()
     uri = tracking_uri or tracking.tracking_uri()
-    address = preflight([cfg], uri)
+    address, prepared = preflight([cfg], uri)
     run_id, finished = open_run(cfg, uri, parent_run_id, tags)
     if finished is not None:
         return existing_result(uri, finished)
     tracking.log_params(uri, run_id, cfg.flat())
+    run_inputs.log_datasets(uri, run_id, cfg.data, prepared[repr(cfg.data)])
     t1 = time.perf_counter()
     # Set before the trainer is built: its payload is the runtime pickled (`worker.payload`).
     runtime = TrialRuntime(uri, run_id, launched_at=time.time())
@@ -178,10 +181,14 @@ def settle(uri: str, run_id: str, cfg: TrialConfig, times: dict[str, float],
         return TrialResult(run_id, cfg.key(), "FAILED", failure=(
             f"trial {cfg.run_name} diverged: {diverged}; lower train.lr or raise "
             f"train.warmup_steps, or clip harder (train.grad_clip)"))
+    t_model = time.perf_counter()
+    logged_model.log_trial_model(uri, run_id, cfg)
+    model_s = time.perf_counter() - t_model
     finish_run(uri, run_id, cfg, run.data.metrics)
     seconds = times | {M.FINISH_S: time.perf_counter() - started}
     if loop_s is not None:  # absent when resumed at the last step
         seconds[M.OUTSIDE_TRAINING_S] = sum(seconds.values()) - loop_s
+    seconds[M.LOGGED_MODEL_S] = model_s
     tracking.log_at_last_step(uri, run_id, seconds)
     return TrialResult(run_id, cfg.key(), "FINISHED",
                        M.finals(tracking.client(uri).get_run(run_id).data.metrics),

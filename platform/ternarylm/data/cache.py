@@ -125,6 +125,13 @@ class PreparedData:
             dtype=meta["dtype"],
         )
 
+    @property
+    def digest(self) -> str:
+        """The cache's identity, the end of its directory name: SHA-256 (first 16 hex digits)
+        of everything that changes its tokens (`_cache_settings`: source path, size and mtime
+        or hub id, tokenizer, split and cap settings, format version)."""
+        return self.path.name.rsplit("-", 1)[1]
+
     def tokens(self, split: str) -> np.ndarray:
         """Read-only memory map of a split's token ids (nothing is loaded until indexed)."""
         return np.memmap(self.path / f"{_check_split(split)}.bin", dtype=self.dtype, mode="r")

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ternarylm import metrics as M
@@ -43,7 +42,8 @@ from ternarylm.glue.data import (
 )
 from ternarylm.glue.model import POOLINGS, GlueClassifier
 from ternarylm.optim import linear_warmup_decay, param_groups
-from ternarylm.quantizers import FP, QuantEmbedding, QuantLinear
+from ternarylm.plans import ConvertedLayer, convert
+from ternarylm.quantizers import FP
 
 GLUE_TASK_TAG = "ternarylm.glue.task"
 GLUE_KEY_TAG = "ternarylm.glue.key"
@@ -158,10 +158,9 @@ def _seeded_subset(data: GlueData, cap: int | None, seed: int) -> GlueData:
     return data.subset(keep)
 
 
-def layer_formats(model: nn.Module) -> dict[str, str]:
-    """name -> format of every quantized module (QuantLinear / QuantEmbedding)."""
-    return {name: m.format for name, m in model.named_modules()
-            if isinstance(m, (QuantLinear, QuantEmbedding))}
+def layer_formats(layers: dict[str, ConvertedLayer]) -> dict[str, str]:
+    """name -> format of every quantized weight of a model's `plans.convert`."""
+    return {name: layer.format for name, layer in layers.items() if layer.quantized is not None}
 
 
 @torch.no_grad()
@@ -236,14 +235,16 @@ def finetune(trained, task: str | GlueTask, settings: GlueSettings, train: GlueD
     model.eval()
     metrics = glue_metrics(spec, dev.labels, preds)
     baseline = glue_metrics(spec, dev.labels, [majority] * len(dev))
+    layers = convert(model.lm)
     return GlueResult(spec.name, metrics, baseline, majority, len(train), len(dev), step,
-                      history, time.perf_counter() - t0, quant_linears=_count_quant(model.lm),
-                      formats_kept=layer_formats(model.lm) == planned,
+                      history, time.perf_counter() - t0, quant_linears=_count_quant(layers),
+                      formats_kept=layer_formats(layers) == planned,
                       predictions=preds, model=model)
 
 
-def _count_quant(model: nn.Module) -> int:
-    return sum(isinstance(m, QuantLinear) for m in model.modules())
+def _count_quant(layers: dict[str, ConvertedLayer]) -> int:
+    return sum(layer.spec.kind == "linear" and layer.quantized is not None
+               for layer in layers.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,27 +301,28 @@ def finetune_and_log(source_run_id: str, task: str, settings: GlueSettings | Non
     trained = load_trained(source_run_id)
     run_name = f"{parent.info.run_name or source_run_id[:8]}-glue-{spec.name}"
     tags = {GLUE_TASK_TAG: spec.name, GLUE_KEY_TAG: key, GLUE_SOURCE_TAG: source_run_id}
-    run_id = tracking.start_run(uri, experiment_id, run_name, tags, parent_run_id=source_run_id)
-    params = {"glue.task": spec.name, "glue.source_run": source_run_id,
-              "glue.data": _data_label(data_dir), "glue.train_source": train.source,
-              "glue.dev_source": dev.source, "size": trained.trial.size,
-              "scheme": trained.trial.scheme, "plan": trained.trial.plan.name,
-              **{f"glue.{k}": ("none" if v is None else v) for k, v in settings.to_dict().items()}}
-    tracking.log_params(uri, run_id, params)
-    try:
+    with tracking.child_run(uri, experiment_id, run_name, tags, source_run_id,
+                            f"glue {spec.name}") as run_id:
+        params = {"glue.task": spec.name, "glue.source_run": source_run_id,
+                  "glue.data": _data_label(data_dir), "glue.train_source": train.source,
+                  "glue.dev_source": dev.source, "size": trained.trial.size,
+                  "scheme": trained.trial.scheme, "plan": trained.trial.plan.name,
+                  **{f"glue.{k}": ("none" if v is None else v)
+                     for k, v in settings.to_dict().items()}}
+        tracking.log_params(uri, run_id, params)
         result = finetune(trained, spec, settings, train, dev)
         now = int(time.time() * 1000)
         metrics = [Metric(M.GLUE_TRAIN_LOSS, loss, now, step)
                    for step, loss in result.train_loss]
         summary = {**{M.glue_dev(k): v for k, v in result.metrics.items()},
                    **{M.glue_baseline(k): v for k, v in result.baseline.items()},
-                   **{f"delta/{k}": result.metrics[k] - result.baseline[k] for k in result.metrics},
+                   **{M.glue_delta(k): result.metrics[k] - result.baseline[k]
+                      for k in result.metrics},
                    "n_train": result.n_train, "n_dev": result.n_dev, "steps": result.steps,
                    "majority_label": result.majority_label, "quant_linears": result.quant_linears,
                    "seconds": result.seconds}
         metrics += [Metric(k, float(v), now, result.steps) for k, v in summary.items()]
-        for i in range(0, len(metrics), 1000):
-            c.log_batch(run_id, metrics=metrics[i:i + 1000])
+        tracking.log_metrics(uri, run_id, metrics)
         out = {**result.to_json(), "run_id": run_id, "source": source_run_id,
                "size": trained.trial.size, "scheme": trained.trial.scheme,
                "plan": trained.trial.plan.name, "skipped": False}
@@ -328,22 +330,19 @@ def finetune_and_log(source_run_id: str, task: str, settings: GlueSettings | Non
         with tempfile.TemporaryDirectory() as d:
             Path(d, "results.json").write_text(json.dumps(out, indent=1))
             tracking.log_artifact(uri, run_id, Path(d, "results.json"), "glue")
-    except BaseException as err:
-        tracking.end_run(uri, run_id, "FAILED", f"glue {spec.name} failed: {err}")
-        raise
-    tracking.end_run(uri, run_id, "FINISHED")
-    return out
+        return out
 
 
 def _stored_result(run, spec: GlueTask, source_run_id: str) -> dict[str, Any]:
     m, p = run.data.metrics, run.data.params
     return {"task": spec.name,
-            "metrics": {k: m[f"dev/{k}"] for k in spec.metrics if f"dev/{k}" in m},
-            "baseline": {k: m[f"baseline/{k}"] for k in spec.metrics if f"baseline/{k}" in m},
+            "metrics": {k: m[M.glue_dev(k)] for k in spec.metrics if M.glue_dev(k) in m},
+            "baseline": {k: m[M.glue_baseline(k)] for k in spec.metrics
+                         if M.glue_baseline(k) in m},
             "majority_label": int(m.get("majority_label", -1)),
             "n_train": int(m.get("n_train", 0)), "n_dev": int(m.get("n_dev", 0)),
             "steps": int(m.get("steps", 0)),
-            "final_train_loss": m.get("train/loss"), "seconds": m.get("seconds"),
+            "final_train_loss": m.get(M.GLUE_TRAIN_LOSS), "seconds": m.get("seconds"),
             "quant_linears": int(m.get("quant_linears", 0)),
             "formats_kept": run.data.tags.get("ternarylm.glue.formats_kept") == "True",
             "run_id": run.info.run_id, "source": source_run_id, "size": p.get("size"),
@@ -355,9 +354,10 @@ def run_glue(source: str, task: str, settings: GlueSettings | None = None,
     """`ternarylm glue`: a trained-model directory is fine-tuned without MLflow (run_id None);
     anything else is taken as a pretraining run id and goes through finetune_and_log."""
     settings = settings or GlueSettings()
-    if not Path(source).is_dir():
+    from ternarylm.artifacts import load_trained, run_id_of
+
+    if run_id_of(source) is not None:
         return finetune_and_log(source, task, settings, data_dir, force=force)
-    from ternarylm.artifacts import load_trained
 
     spec = task_spec(task)
     data = resolve_data_dir(data_dir)

@@ -3,26 +3,20 @@
 Trains the tokenizer (default bpe:8192) on the book, then times encoding all of it with the
 same code path prepare_data uses (the book is one document, so encoding runs on one thread).
 
-    python benchmarks/tokenize.py [--json] [--tokenizer bpe:8192] [--repeats 5]
+    python benchmarks/tokenizer_speed.py [--json] [--tokenizer bpe:8192] [--repeats 5]
 
 The text is found through $TERNARYLM_SHARED_DATA (default <repo>/../shared/data). With --json
 the last line is a JSON object with tokens_per_s and tokenizer_train_s.
 """
 
+import argparse
+import json
 import os
-import sys
+import statistics
+import time
+from pathlib import Path
 
-# This file shares its name with the stdlib module `tokenize` (imported by inspect, linecache
-# and torch); drop the script's directory from the path so those imports find the real one.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from ternarylm.data import build_tokenizer, encode_documents, eos_id, read_local  # noqa: E402
+from ternarylm.data import build_tokenizer, encode_documents, eos_id, read_local
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -1,14 +1,13 @@
 """The TernaryLM paper's claims (arXiv 2602.07374), re-measured, each decided by a stated test.
 
-Every claim's rule is a test with three outcomes: *supports* when its equivalence or superiority
-test passes at the stated tolerance (p < ALPHA), *contradicts* when the opposite one-sided test
-passes, *cannot tell* when neither does, or when the evidence is not at the scale the claim
-needs (its scale guard). Seeds are the unit of every interval and test: one value per trained
-model (for GLUE, per fine-tuning of one pretrained seed: both sources of variance pooled). A
-model that has no spread over its seeds is known exactly, so its tests are decided by the sign
-of the difference. Each *cannot tell* says what would decide it (`Power`): the seeds a standard
-power calculation for that test asks for (ALPHA, POWER) from the measured seed-to-seed spread,
-or from an assumed one (`ASSUMED_SD`) where fewer than two seeds ran.
+The paper-claims study's own code, beside the study that runs it (studies/paper_claims.py),
+not in the library: the claims, their figures and tolerances, the evidence and the report. Every
+claim's rule is a test with three outcomes from `ternarylm.verdicts` (supports, contradicts,
+cannot tell), with the scale guard the claim needs. Seeds are the unit of every interval and
+test: one value per trained model (for GLUE, per fine-tuning of one pretrained seed: both
+sources of variance pooled). Each *cannot tell* says what would decide it (`Power`), from the
+measured seed-to-seed spread or from an assumed one (`ASSUMED_SD`) where fewer than two seeds
+ran.
 
 Rule texts are built from the same constants and the same `Test` objects the code decides
 with. The evidence is plain data: a study's result rows (one dict per trial: size, scheme,
@@ -29,7 +28,7 @@ import json
 import math
 import statistics
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,18 +37,14 @@ import numpy as np
 import torch
 from scipy import stats
 
+from ternarylm import tables
 from ternarylm.config import ConfigError, _build, load_yaml
 from ternarylm.model import model_config
+from ternarylm.verdicts import (ALPHA, CANNOT_TELL, CONFIDENCE, CONTRADICTS, MAX_SEEDS,
+                                MIN_SEEDS, SUPPORTS, VERDICTS, Interval, Power, Test, above_test,
+                                band_power, band_test, bootstrap_interval, combine, hedges_g, pct,
+                                pooled_sd, seed_interval, shift_power, welch_p)
 
-SUPPORTS, CONTRADICTS, CANNOT_TELL = "supports", "contradicts", "cannot tell"
-VERDICTS = (SUPPORTS, CONTRADICTS, CANNOT_TELL)
-
-CONFIDENCE = 0.95  # every interval in the report
-ALPHA = 0.05  # level of every one-sided test (a TOST is two of them at this level)
-POWER = 0.8  # the power the seeds a cannot-tell needs are sized for
-MAX_SEEDS = 200  # beyond this the power calculation says "more than"
-MIN_SEEDS = 2  # a test over seeds needs at least two
-N_BOOT = 2000  # bootstrap resamples (decode times only)
 FP_PLAN, TERNARY_PLAN = "fp", "all_ternary"
 PAPER_SCHEME = "learned"  # the paper's adaptive per-layer scale; verdicts use it when measured
 
@@ -94,163 +89,9 @@ ASSUMED_SD = {"ppl": PAPER_PPL_STD, "glue": 2.0, "ratio": 0.1, "val_loss": 0.02,
               "level": 0.01}
 
 
-# ---------------------------------------------------------------------------------------------
-# Tests with three outcomes, and the seeds they need
-
-
-def _one_sided_p(values: Sequence[float], bound: float, greater: bool) -> float | None:
-    """p of the one-sample t test of H1: mean > bound (greater) or mean < bound, over seeds."""
-    v = np.asarray(values, dtype=float) * (1 if greater else -1)
-    bound = bound if greater else -bound
-    if len(v) < MIN_SEEDS:
-        return None
-    if np.ptp(v) == 0:  # no spread: the mean is known exactly
-        return 0.0 if v[0] > bound else 1.0
-    return float(stats.ttest_1samp(v, bound, alternative="greater").pvalue)
-
-
-def _welch_p(a: Sequence[float], b: Sequence[float], shift: float, greater: bool) -> float | None:
-    """p of Welch's t test of H1: mean(a) - mean(b) > shift (greater) or < shift."""
-    x, y = np.asarray(a, dtype=float) - shift, np.asarray(b, dtype=float)
-    if len(x) < MIN_SEEDS or len(y) < MIN_SEEDS:
-        return None
-    if np.ptp(x) == 0 and np.ptp(y) == 0:
-        d = x[0] - y[0]
-        return 0.0 if (d > 0 if greater else d < 0) else 1.0
-    return float(stats.ttest_ind(x, y, equal_var=False,
-                                 alternative="greater" if greater else "less").pvalue)
-
-
-def _max_p(*ps: float | None) -> float | None:
-    """p of an intersection-union test (all of them must pass): the largest p."""
-    return None if any(p is None for p in ps) else max(ps)
-
-
-def _min_p(*ps: float | None) -> float | None:
-    """p of 'one of them passes', each at ALPHA: the smallest known p."""
-    known = [p for p in ps if p is not None]
-    return min(known) if known else None
-
-
-@dataclass(frozen=True)
-class Test:
-    """One stated test: p of its supporting test and of its contradicting (opposite) test."""
-
-    supports_if: str
-    contradicts_if: str
-    p_supports: float | None
-    p_contradicts: float | None
-
-    @property
-    def outcome(self) -> str:
-        if self.p_supports is not None and self.p_supports < ALPHA:
-            return SUPPORTS
-        if self.p_contradicts is not None and self.p_contradicts < ALPHA:
-            return CONTRADICTS
-        return CANNOT_TELL
-
-    def text(self) -> str:
-        def p(x: float | None) -> str:
-            return "n/a" if x is None else f"{x:.3g}"
-        return (f"supports if {self.supports_if} (p={p(self.p_supports)}), contradicts if "
-                f"{self.contradicts_if} (p={p(self.p_contradicts)}) -> {self.outcome}")
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"outcome": self.outcome}
-
-
-def band_test(values: Sequence[float], lo: float, hi: float, what: str) -> Test:
-    """Equivalence (TOST: mean > lo and mean < hi) against 'mean outside [lo, hi]'."""
-    return Test(f"mean {what} in [{lo:.4g}, {hi:.4g}] (TOST)",
-                f"mean {what} < {lo:.4g} or > {hi:.4g}",
-                _max_p(_one_sided_p(values, lo, True), _one_sided_p(values, hi, False)),
-                _min_p(_one_sided_p(values, lo, False), _one_sided_p(values, hi, True)))
-
-
-def above_test(values: Sequence[float], bound: float, what: str) -> Test:
-    """Superiority (mean > bound) against its opposite (mean < bound)."""
-    return Test(f"mean {what} > {bound:.4g}", f"mean {what} < {bound:.4g}",
-                _one_sided_p(values, bound, True), _one_sided_p(values, bound, False))
-
-
-def combine(tests: Sequence[Test]) -> str:
-    """Several tests that must all support: any contradiction contradicts."""
-    outcomes = [t.outcome for t in tests]
-    if CONTRADICTS in outcomes:
-        return CONTRADICTS
-    return SUPPORTS if outcomes and all(o == SUPPORTS for o in outcomes) else CANNOT_TELL
-
-
-def _power(n: int, effects: Sequence[float], sd: float, two_sample: bool) -> float:
-    """Power of a one-sided t test (one effect) or a TOST (two: the distances to both bounds)
-    at n seeds per group; the TOST's is the usual lower bound 1 - P(miss lo) - P(miss hi)."""
-    df = 2 * n - 2 if two_sample else n - 1
-    se = sd * math.sqrt((2 if two_sample else 1) / n)
-    crit = stats.t.ppf(1 - ALPHA, df)
-    misses = [stats.nct.cdf(crit, df, e / se) for e in effects]
-    return 1 - sum(misses)
-
-
-def seeds_needed(effects: Sequence[float], sd: float, two_sample: bool = False) -> int | None:
-    """Seeds (per group) at which a test of these true effects reaches POWER at ALPHA; None
-    when no number up to MAX_SEEDS does (an effect at or past its bound: no seeds decide)."""
-    if sd <= 0 or min(effects) <= 0:
-        return None
-    for n in range(MIN_SEEDS, MAX_SEEDS + 1):
-        if _power(n, effects, sd, two_sample) >= POWER:
-            return n
-    return None
-
-
-@dataclass(frozen=True)
-class Power:
-    """What would decide a cannot-tell: seeds per group toward the outcome the data lean to."""
-
-    toward: str
-    seeds: int | None
-    have: int
-    sd: float
-    sd_source: str
-    """'measured over n seeds' or 'assumed (ASSUMED_SD)'."""
-
-    def text(self) -> str:
-        need = (f"more than {MAX_SEEDS} seeds" if self.seeds is None
-                else f"{self.seeds} seeds (have {self.have})")
-        verb = {SUPPORTS: "support", CONTRADICTS: "contradict"}[self.toward]
-        return (f"{need} to {verb} at power {POWER:g}, alpha {ALPHA:g}, seed sd "
-                f"{self.sd:.3g} ({self.sd_source})")
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _sd(groups: Sequence[Sequence[float]], key: str) -> tuple[float, str]:
-    """The pooled seed-to-seed sd of the groups, or the assumed one below two seeds."""
-    usable = [np.asarray(g, dtype=float) for g in groups if len(g) >= MIN_SEEDS]
-    if usable and all(len(g) >= MIN_SEEDS for g in groups):
-        dof = sum(len(g) - 1 for g in usable)
-        pooled = math.sqrt(sum((len(g) - 1) * g.var(ddof=1) for g in usable) / dof)
-        if pooled > 0:
-            return pooled, f"measured over {min(len(g) for g in usable)} seeds"
+def _assumed(key: str) -> tuple[float, str]:
+    """The seed sd assumed for `key` below two seeds, and where the report says it comes from."""
     return ASSUMED_SD[key], f"assumed, ASSUMED_SD[{key!r}]"
-
-
-def band_power(values: Sequence[float], lo: float, hi: float, key: str,
-               assumed_mean: float | None = None) -> Power:
-    """Seeds that decide a band test: toward supports (TOST) when the mean lies inside the band,
-    toward contradicts (the one-sided test past the nearer bound) when outside."""
-    sd, source = _sd([values], key)
-    mean = assumed_mean if assumed_mean is not None else float(np.mean(values))
-    if lo < mean < hi:
-        return Power(SUPPORTS, seeds_needed([mean - lo, hi - mean], sd), len(values), sd, source)
-    return Power(CONTRADICTS, seeds_needed([max(lo - mean, mean - hi)], sd), len(values), sd,
-                 source)
-
-
-def shift_power(effect: float, n: int, sd: float, source: str, two_sample: bool) -> Power:
-    """Seeds that decide a one-sided test whose observed effect over its bound is `effect`."""
-    toward = SUPPORTS if effect > 0 else CONTRADICTS
-    return Power(toward, seeds_needed([abs(effect)], sd, two_sample), n, sd, source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,10 +110,6 @@ class Claim:
     """The verdict rule in words (the code is the claim's finding function)."""
     how: str
     """How it is measured here."""
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:g}%"
 
 
 def _ppl_band() -> tuple[float, float]:
@@ -294,7 +131,7 @@ def _level_bands() -> dict[str, tuple[float, float]]:
 
 
 _PAPER_SCALE = (f"{PAPER_SIZE}, {PAPER_TOKENIZER}, the first {PAPER_STORIES:,} {PAPER_CORPUS} "
-                f"stories, {PAPER_TOKENS:,} training tokens +- {_pct(TOKEN_TOLERANCE)}")
+                f"stories, {PAPER_TOKENS:,} training tokens +- {pct(TOKEN_TOLERANCE)}")
 _TESTS = (f"Every test is one-sided at alpha {ALPHA:g} over seeds (t tests; Welch's between "
           f"two groups); a TOST is two of them.")
 
@@ -306,7 +143,7 @@ CLAIMS: dict[int, Claim] = {c.id: c for c in (
           f"Scale guard: only at the paper's scale ({_PAPER_SCALE}); anywhere else: "
           f"{CANNOT_TELL}. There, on the '{PAPER_SCHEME}' ternary seeds' {PAPER_PPL_MEASURE} "
           f"perplexity: {SUPPORTS} when a TOST puts the mean inside [{_ppl_band()[0]:.2f}, "
-          f"{_ppl_band()[1]:.2f}] ({PAPER_PPL} +- {_pct(PPL_TOLERANCE)}); {CONTRADICTS} when a "
+          f"{_ppl_band()[1]:.2f}] ({PAPER_PPL} +- {pct(PPL_TOLERANCE)}); {CONTRADICTS} when a "
           f"one-sided test puts it below or above that band; else {CANNOT_TELL}. The other "
           f"perplexity gets the same test, to say which one matches the paper. {_TESTS}",
           "final validation perplexity with the training loss's label smoothing and without "
@@ -338,7 +175,7 @@ CLAIMS: dict[int, Claim] = {c.id: c for c in (
           f"weights are the paper's scale); without it: {CANNOT_TELL}. Like for like: the peak "
           f"resident memory of a fresh process that loads one model and decodes with it, the "
           f"same runtime for both. {SUPPORTS} when every pairing of the repeated peaks gives "
-          f"FP32 / packed >= {PAPER_MEMORY_RATIO} and the upper end of the {_pct(CONFIDENCE)} "
+          f"FP32 / packed >= {PAPER_MEMORY_RATIO} and the upper end of the {pct(CONFIDENCE)} "
           f"bootstrap interval of packed / FP32 decode time per token is <= "
           f"{1 + LATENCY_TOLERANCE:g}; {CONTRADICTS} when every pairing gives < "
           f"{PAPER_MEMORY_RATIO} or the interval's lower end is > {1 + LATENCY_TOLERANCE:g}; "
@@ -471,43 +308,6 @@ class Finding:
     """What would decide a cannot-tell, in words (seeds, scale, and their cost once known)."""
 
 
-@dataclass(frozen=True)
-class Interval:
-    mean: float
-    std: float | None
-    lo: float | None
-    hi: float | None
-    n: int
-
-    def text(self, fmt: str = ".4g") -> str:
-        if self.std is None:
-            return f"{self.mean:{fmt}} (n={self.n})"
-        return (f"{self.mean:{fmt}} +- {self.std:{fmt}} [{_pct(CONFIDENCE)} CI "
-                f"{self.lo:{fmt}}, {self.hi:{fmt}}] (n={self.n})")
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def seed_interval(values: Sequence[float]) -> Interval:
-    """Mean, sample std and the t-interval of the mean over seeds (none below two values)."""
-    v = np.asarray(values, dtype=float)
-    if len(v) < MIN_SEEDS:
-        return Interval(float(v.mean()) if len(v) else math.nan, None, None, None, len(v))
-    std = float(v.std(ddof=1))
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(v) - 1) * std / math.sqrt(len(v))
-    return Interval(float(v.mean()), std, float(v.mean() - half), float(v.mean() + half), len(v))
-
-
-def bootstrap_interval(data: tuple[np.ndarray, ...], statistic: Callable,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of a paired, vectorized statistic (scipy.stats)."""
-    res = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=N_BOOT,
-                          confidence_level=CONFIDENCE, method="percentile",
-                          rng=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
 def _finished(rows: list[dict[str, Any]], plan: str, scheme: str | None = None) -> list[dict]:
     return sorted((r for r in rows if r.get("status") == "FINISHED" and r.get("plan") == plan
                    and (scheme is None or r.get("scheme") == scheme)), key=lambda r: r["seed"])
@@ -568,7 +368,7 @@ def quality_finding(rows: list[dict[str, Any]], scale: Scale) -> Finding:
     reason = "; ".join(f"{k}: {t.text()}" for k, t in tests.items())
     reason += (f"; matches the paper: {', '.join(matching)}" if matching
                else "; neither perplexity matches the paper")
-    power = band_power(measures[PAPER_PPL_MEASURE], lo, hi, "ppl") \
+    power = band_power(measures[PAPER_PPL_MEASURE], lo, hi, _assumed("ppl")) \
         if measures[PAPER_PPL_MEASURE] else None
     if not scale.is_paper():
         return Finding(1, figure, CANNOT_TELL, f"{_paper_scale_note(scale)}: perplexities are not "
@@ -608,7 +408,8 @@ def _glue_task(task: str, ternary: list[GlueEvidence], fp: list[GlueEvidence],
             "FP": seed_interval([r["score"] for r in runs["FP"]]) if fp else None,
             "beats_baseline": above_test(scores, runs["ternary"][0]["baseline"],
                                          f"{task} {metric} over the majority baseline"),
-            "power": band_power(scores, lo, hi, "glue") if outcome == CANNOT_TELL else None}
+            "power": (band_power(scores, lo, hi, _assumed("glue")) if outcome == CANNOT_TELL
+                      else None)}
 
 
 def _json(value: Any) -> Any:
@@ -713,18 +514,6 @@ def footprint_finding(random_init: Footprint | None, trained: Footprint | None =
     return Finding(3, figure, verdict, reason, values, decide=decide)
 
 
-def hedges_g(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Standardised mean difference (a - b) with the small-sample correction."""
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(x) < MIN_SEEDS or len(y) < MIN_SEEDS:
-        return None
-    dof = len(x) + len(y) - 2
-    pooled = math.sqrt(((len(x) - 1) * x.var(ddof=1) + (len(y) - 1) * y.var(ddof=1)) / dof)
-    if pooled == 0:
-        return None
-    return float((x.mean() - y.mean()) / pooled * (1 - 3 / (4 * dof - 1)))
-
-
 def overfit_finding(rows: list[dict[str, Any]], scale: Scale) -> Finding:
     """Claim 4: ternary's train/val ratio below FP's and its val loss no worse, over seeds."""
     fp_rows = _finished(rows, FP_PLAN)
@@ -750,11 +539,11 @@ def overfit_finding(rows: list[dict[str, Any]], scale: Scale) -> Finding:
                        f"fewer than {MIN_SEEDS} finished seeds of FP ({len(fp)}) or ternary "
                        f"({len(tern)})", values, decide=f"{MIN_SEEDS} or more seeds of each")
     ratio = Test("ternary ratio < FP ratio", "ternary ratio > FP ratio",
-                 _welch_p(tern, fp, 0.0, False), _welch_p(tern, fp, 0.0, True))
+                 welch_p(tern, fp, 0.0, False), welch_p(tern, fp, 0.0, True))
     loss = Test(f"ternary val loss < FP's + {VAL_LOSS_MARGIN}",
                 f"ternary val loss > FP's + {VAL_LOSS_MARGIN}",
-                _welch_p(tern_loss, fp_loss, VAL_LOSS_MARGIN, False),
-                _welch_p(tern_loss, fp_loss, VAL_LOSS_MARGIN, True))
+                welch_p(tern_loss, fp_loss, VAL_LOSS_MARGIN, False),
+                welch_p(tern_loss, fp_loss, VAL_LOSS_MARGIN, True))
     g = hedges_g(tern, fp)
     values["tests"] = {"ratio": ratio.to_json(), "val_loss": loss.to_json(), "hedges_g": g}
     fp_mean = statistics.fmean(fp)
@@ -768,8 +557,8 @@ def overfit_finding(rows: list[dict[str, Any]], scale: Scale) -> Finding:
     verdict = combine([ratio, loss])
     power = None
     if verdict == CANNOT_TELL:
-        sd_r, src_r = _sd([tern, fp], "ratio")
-        sd_l, src_l = _sd([tern_loss, fp_loss], "val_loss")
+        sd_r, src_r = pooled_sd([tern, fp], _assumed("ratio"))
+        sd_l, src_l = pooled_sd([tern_loss, fp_loss], _assumed("val_loss"))
         n = min(len(tern), len(fp))
         both = [shift_power(statistics.fmean(fp) - statistics.fmean(tern), n, sd_r, src_r, True),
                 shift_power(statistics.fmean(fp_loss) + VAL_LOSS_MARGIN
@@ -822,7 +611,7 @@ def _depth_scheme(group: list[dict[str, Any]], paper_scale: bool) -> dict[str, A
     if lsq:
         out["lsq_init_zero"] = statistics.fmean(lsq)
     if outcome == CANNOT_TELL:
-        sd, src = _sd([gaps], "gap")
+        sd, src = pooled_sd([gaps], _assumed("gap"))
         out["power"] = shift_power(statistics.fmean(gaps) - _gap_bound(), len(gaps), sd, src,
                                    False).to_json() if gap_test.outcome == CANNOT_TELL else None
     return out
@@ -844,13 +633,13 @@ def depth_finding(rows: list[dict[str, Any]], scale: Scale) -> Finding:
     values = {"schemes": per_scheme, "scheme_anova_p": p_scheme}
     parts = []
     for s, v in per_scheme.items():
-        init = (f"; zeros at init {_pct(round(v['initial_zero'], 3))} -> final "
-                f"{_pct(round(v['final_zero'], 3))} (init gap {v['initial_gap']:.3f})"
+        init = (f"; zeros at init {pct(round(v['initial_zero'], 3))} -> final "
+                f"{pct(round(v['final_zero'], 3))} (init gap {v['initial_gap']:.3f})"
                 if "initial_zero" in v else "")
-        init += (f", LSQ's init would give {_pct(round(v['lsq_init_zero'], 3))}"
+        init += (f", LSQ's init would give {pct(round(v['lsq_init_zero'], 3))}"
                  if "lsq_init_zero" in v else "")
-        parts.append(f"{s}: middle {_pct(round(v['middle_zero'], 3))} vs boundary "
-                     f"{_pct(round(v['boundary_zero'], 3))} zeros, gap "
+        parts.append(f"{s}: middle {pct(round(v['middle_zero'], 3))} vs boundary "
+                     f"{pct(round(v['boundary_zero'], 3))} zeros, gap "
                      f"{Interval(**v['gap']).text('.3f')}, {v['below_paper_min']} of "
                      f"{len(v['gaps'])} seeds below {PAPER_MIN_GAP:g}{init} -> {v['outcome']}")
     figure = "; ".join(parts) or f"no finished {PAPER_DEPTH}-block ternary trials"
@@ -884,10 +673,6 @@ REPORT_COLUMNS = ("claim", "paper's figure", "figure here (interval, scale)", "v
                   "how measured")
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "/").replace("\n", " ")
-
-
 def to_decide(f: Finding) -> str:
     """What would decide a cannot-tell: its seeds (and their cost, once attached) or its scale."""
     if f.verdict != CANNOT_TELL:
@@ -898,18 +683,16 @@ def to_decide(f: Finding) -> str:
 def report(findings: list[Finding], title: str) -> tuple[str, dict[str, Any]]:
     """claims.md and the same as JSON: one row per claim, the reasons, and the verdict rules."""
     findings = sorted(findings, key=lambda f: f.claim)
-    lines = [f"# {title}", "", "| " + " | ".join(REPORT_COLUMNS) + " |",
-             "|" + "---|" * len(REPORT_COLUMNS)]
-    for f in findings:
-        c = CLAIMS[f.claim]
-        lines.append("| " + " | ".join(_cell(x) for x in (
-            f"{c.id}. {c.text}", c.paper_figure, f.figure, f"**{f.verdict}**", c.how)) + " |")
+    rows = [dict(zip(REPORT_COLUMNS, (f"{c.id}. {c.text}", c.paper_figure, f.figure,
+                                      f"**{f.verdict}**", c.how)))
+            for f in findings for c in [CLAIMS[f.claim]]]
+    lines = [f"# {title}", "", tables.markdown(rows, REPORT_COLUMNS).rstrip("\n")]
     lines += ["", "## Why each verdict, and what would decide a cannot tell", ""]
     lines += [f"{f.claim}. {CLAIMS[f.claim].title}: {f.verdict} ({f.reason})"
               + (f". To decide it: {what}" if (what := to_decide(f)) else "") for f in findings]
     lines += ["", "## Verdict rules", "",
-              f"Verdicts are {', '.join(VERDICTS)}; intervals are {_pct(CONFIDENCE)}. Each rule "
-              f"is code in ternarylm.claims, applied to the numbers above.", ""]
+              f"Verdicts are {', '.join(VERDICTS)}; intervals are {pct(CONFIDENCE)}. Each rule "
+              f"is code in studies/claims.py, applied to the numbers above.", ""]
     lines += [f"{c.id}. {c.title}: {c.rule}" for c in CLAIMS.values()]
     data = {"title": title, "columns": list(REPORT_COLUMNS),
             "claims": [{"id": f.claim, "claim": CLAIMS[f.claim].text,
@@ -1040,7 +823,7 @@ def initial_blocks(row: dict[str, Any]) -> tuple[dict[int, float], float]:
     apply_plan(model, preset(row["plan"]), row["scheme"], model.cfg.n_layers)
     rows = layer_stats(model)
     ternary = {r["layer"] for r in rows if r["block"] is not None and r["zero_fraction"] > 0}
-    weights = [m.weight for name, m in model.named_modules() if name in ternary]
+    weights = [model.get_submodule(name).weight for name in ternary]
     lsq = sum(float((w.abs() < w.abs().mean()).sum()) for w in weights) / sum(
         w.numel() for w in weights)
     return block_sparsity(rows), lsq
@@ -1172,7 +955,7 @@ def assumed_powers() -> dict[int, Power]:
     """The seeds each seed-limited claim needs if the paper's figures are true, at the spreads
     ASSUMED_SD states: the plan before any run."""
     def band(paper: float, lo: float, hi: float, key: str) -> Power:
-        return band_power([], lo, hi, key, assumed_mean=paper)
+        return band_power([], lo, hi, _assumed(key), assumed_mean=paper)
 
     glue = [band(paper, *_glue_band(t), "glue") for t, (_, paper, _) in GLUE_CLAIMS.items()]
     claim4 = [shift_power(PAPER_RATIO_FP - PAPER_RATIO_TERNARY, 0, ASSUMED_SD["ratio"],
