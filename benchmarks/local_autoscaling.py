@@ -246,7 +246,9 @@ def study_config(path: Path, corpus: Path, reclaim: bool) -> Path:
               "schemes": ["absmean"],
               "plans": ["all_ternary"] if reclaim else ["fp", "all_ternary"],
               "seeds": [0], "tokens": steps * workers * seq_len * micro_batch,
-              "evals_per_trial": 10 if reclaim else 2, "max_concurrent": 2, "trial": trial}
+              "evals_per_trial": 10 if reclaim else 2, "max_concurrent": 2, "trial": trial,
+              # Two worker groups (a cohort would train both trials in one) for two nodes.
+              "cohorts": False}
     path.write_text(yaml.safe_dump(config))
     return path
 

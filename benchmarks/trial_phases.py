@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         study.sizes, study.plans, study.seeds = [args.size], [args.plan], list(range(args.seeds))
         study.max_concurrent = 1
+        study.cohorts = False  # one trial per launch: the path whose phases this measures
         study.__post_init__()  # validates the changed grid
         started = time.perf_counter()
         summary = run_study(study, storage_path=f"{d}/runs")

@@ -49,6 +49,8 @@ def load_study(args: argparse.Namespace) -> StudyConfig:
         data["source"] = str(corpus)
     if args.name:
         raw["name"] = args.name
+    if args.no_cohorts:
+        raw["cohorts"] = False
     if args.lr_search:
         raw["lr_search"] = {**(raw.get("lr_search") or {}), "values": _rates(args.lr_search)}
     return _build(StudyConfig, raw, "study")
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr-search", metavar="RATES",
                         help="search these peak learning rates (comma-separated) per cell before "
                              "its trials (sets the study's lr_search values)")
+    parser.add_argument("--no-cohorts", action="store_true",
+                        help="train each trial alone (default: trials of one shape train "
+                             "together, up to the study's cohort_size per worker group)")
     parser.add_argument("--dry-run", action="store_true", help="print the trial table only")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--verbose", action="store_true",

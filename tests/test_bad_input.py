@@ -106,6 +106,10 @@ BAD_STUDY_FIELDS = [
     ("per_size", {"nano": 3}, "study.per_size.nano must be a mapping"),
     ("max_concurrent", "2", "study.max_concurrent must be an integer"),
     ("trial.train.micro_batch", 2.5, "trial.train.micro_batch must be an integer"),
+    ("cohort_size", "4", "study.cohort_size must be an integer, got '4'"),
+    ("cohort_size", 2.5, "study.cohort_size must be an integer, got 2.5"),
+    ("cohort_size", True, "study.cohort_size must be an integer, got True"),
+    ("cohorts", "no", "study.cohorts must be true or false, got 'no'"),
 ]
 
 
@@ -152,6 +156,9 @@ BAD_STUDY_VALUES = [
     ("name", "a b", "study.name 'a b' may hold only letters, digits"),
     ("name", "..", "study.name '..' may hold only"),
     ("seeds", [0, 0], "study.seeds repeats a seed ([0, 0])"),
+    ("cohort_size", 0, "study.cohort_size must be a positive integer (the most trials trained "
+                       "together), got 0; set it to 1 or more, or turn cohorts off"),
+    ("cohort_size", -3, "study.cohort_size must be a positive integer"),
 ]
 
 

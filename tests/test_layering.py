@@ -86,8 +86,8 @@ LAYERS = {
     "tracking": ["tracking"],
     "deployment": ["artifacts", "packing", "inference", "generate", "export", "footprint"],
     "training and evaluation": ["worker", "train", "stacked", "cluster", "run_inputs",
-                                "logged_model", "trial", "glue", "glue.data", "glue.model",
-                                "glue.finetuning", "harness"],
+                                "logged_model", "trial", "cohort_train", "cohort", "glue",
+                                "glue.data", "glue.model", "glue.finetuning", "harness"],
     "studies": ["study", "lr_search", "results", "frontier", "allocate", "registry"],
     "interface": ["cli"],
 }

@@ -24,7 +24,7 @@ from ternarylm.model import TernaryLM
 from ternarylm import cpu_kernels
 from ternarylm.inference import Int8Linear, KernelLinear, PackedLM, load_packed, quantize_tokens
 from ternarylm.packing import (CONFIG_KEY, PACKED_ARTIFACT_PATH, PACKINGS, PackError, pack,
-                               pack_codes, read_packed, unpack_codes, unpack_weight)
+                               pack_codes, pack_model, read_packed, unpack_codes, unpack_weight)
 from ternarylm.plans import apply_plan
 from ternarylm.quantizers import QuantEmbedding, QuantLinear, quantize_activations
 
@@ -405,3 +405,15 @@ def test_pack_run_id_logs_the_file_to_the_run(mlflow_uri, tmp_path):
     assert result.logged_to_run == run_id
     logged = tracking.client(mlflow_uri).list_artifacts(run_id, PACKED_ARTIFACT_PATH)
     assert [a.path for a in logged] == [f"{PACKED_ARTIFACT_PATH}/run.safetensors"]
+
+
+def test_packing_one_model_again_writes_the_same_bytes(tiny_packed, tmp_path):
+    """The file is a function of the model: safetensors' metadata order (a Rust HashMap's,
+    different from one map to the next) is not left to chance, so a trial's logged file is
+    what `ternarylm pack` writes for it."""
+    model, path = tiny_packed
+    config, _ = read_packed(path)
+    files = {pack_model(model, tmp_path / f"{i}.safetensors", TOKENIZER, EOS,
+                        embedding_dtype="fp32", provenance=config["provenance"]
+                        ).path.read_bytes() for i in range(8)}
+    assert files == {path.read_bytes()}

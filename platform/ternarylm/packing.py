@@ -194,15 +194,33 @@ def pack_model(model: TernaryLM, path: str | Path, tokenizer: Tokenizer, eos_id:
                embedding_dtype: str = "int8", trits: bool = False,
                provenance: dict[str, Any] | None = None) -> PackResult:
     """Write the packed file of a (plan-applied) model; returns its path, size and checksum."""
-    from safetensors.torch import save_file
-
     tensors, metadata = packed_contents(model, tokenizer.to_str(), eos_id,
                                         embedding_dtype=embedding_dtype, trits=trits,
                                         provenance=provenance)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path, metadata=metadata)
+    path.write_bytes(safetensors_bytes(tensors, metadata))
     return PackResult(path, path.stat().st_size, metadata[SHA256_KEY])
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of `tensors` and `metadata`, its metadata in sorted key order.
+
+    safetensors keeps the metadata in a Rust HashMap, whose order differs from one map to the
+    next, within one process too: the same model packed twice gave files that differed in the
+    header (which key came first). Written again with sorted keys, the header (and so the file)
+    is a function of the contents. Tensor offsets count from the end of the header, so the data
+    is kept as is.
+    """
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data on 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text + raw[8 + size:]
 
 
 def pack(source: str, out: str | Path | None = None, *, embedding_dtype: str = "int8",

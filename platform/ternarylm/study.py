@@ -25,6 +25,7 @@ from typing import Any
 from ternarylm import metrics as M
 from ternarylm import run_inputs, tracking
 from ternarylm.analysis import has_ternary_layers
+from ternarylm.cohort import DEFAULT_COHORT_SIZE, form_cohorts, run_cohort
 from ternarylm.identity import NUMERICS_VERSIONS
 from ternarylm.config import ConfigError, TrialConfig, _build, load_yaml, ternarylm_home
 from ternarylm.lr_search import (SEARCH_TAG, Choice, LRSearchConfig, choose, search_trials,
@@ -94,6 +95,11 @@ class StudyConfig:
     lr_search: dict[str, Any] | None = None
     """A learning-rate search per cell before its trials (ternarylm.lr_search.LRSearchConfig:
     values or low/high/num, budget_fraction, scheduler)."""
+    cohorts: bool = True
+    """Train trials of one shape together, in one worker group and engine (ternarylm.cohort);
+    false (`--no-cohorts`) trains each trial alone."""
+    cohort_size: int = DEFAULT_COHORT_SIZE
+    """Most members in one cohort."""
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -122,6 +128,10 @@ class StudyConfig:
             raise ConfigError(f"study: the token budget must be positive, got {budget!r}")
         if self.scheduler not in ("fifo", "asha"):
             raise ConfigError(f"study.scheduler must be fifo or asha, got {self.scheduler!r}")
+        if self.cohort_size < 1:
+            raise ConfigError(f"study.cohort_size must be a positive integer (the most trials "
+                              f"trained together), got {self.cohort_size!r}; set it to 1 or "
+                              f"more, or turn cohorts off with cohorts: false (--no-cohorts)")
         if self.max_concurrent < 1 or self.evals_per_trial < 1:
             raise ConfigError("study.max_concurrent and study.evals_per_trial must be >= 1")
         if not 0 <= self.warmup_fraction < 1:
@@ -263,32 +273,46 @@ def _tune_trial(config: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg: TrialConfig = config["trial"]["spec"]
+    specs: list[TrialConfig] = config["trial"]["specs"]
     # Tune actors inherit the cluster's environment, not the study driver's: pass the URI
     # (GLUE and the harness log their child runs where $MLFLOW_TRACKING_URI says).
     if config.get("tracking_uri"):
         os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
-    result = run_trial(cfg, parent_run_id=config["parent_run_id"],
-                       callbacks=[TuneReportCallback()], tracking_uri=config.get("tracking_uri"),
-                       tags=config["tags"])
+    launch = {"parent_run_id": config["parent_run_id"], "callbacks": [TuneReportCallback()],
+              "tracking_uri": config.get("tracking_uri"), "tags": config["tags"]}
+    results = ([run_trial(specs[0], **launch)] if len(specs) == 1
+               else run_cohort(specs, **launch))
+    for result in results:
+        if result.status == "FINISHED":
+            _evaluate_trial(result.run_id, config)
+    # Each member's outcome by its index in the Tune trial's `members`.
+    report = {f"{k}/{i}": float(v) for i, r in enumerate(results)
+              for k, v in (("skipped", r.skipped), ("failed", r.status == "FAILED"))}
+    if len(results) == 1:
+        result = results[0]
+        report |= {M.final(k): v for k, v in result.metrics.items()}
+        if M.VAL_LOSS in result.metrics:
+            # A scheduler (ASHA) ranks every result by it at its time attribute, a skipped
+            # trial's only result included.
+            report |= {k: result.metrics[k] for k in (M.VAL_LOSS, M.VAL_BPB)
+                       if k in result.metrics}
+            report["step"] = specs[0].train.steps
+    tune.report({**report, "skipped": float(all(r.skipped for r in results))})
+
+
+def _evaluate_trial(run_id: str, config: dict[str, Any]) -> None:
+    """The study's GLUE fine-tunes and lm-eval tasks of one finished trial."""
     glue = config["glue"]
     if glue["tasks"]:
         from ternarylm.glue import GlueSettings, finetune_and_log
         for task in glue["tasks"]:
-            finetune_and_log(result.run_id, task, GlueSettings.from_dict(glue["settings"]),
+            finetune_and_log(run_id, task, GlueSettings.from_dict(glue["settings"]),
                              glue["data_dir"])
     evals = config["eval"]
     if evals["tasks"]:  # evaluate() reuses a finished evaluation with the same key
         from ternarylm.harness import EvalSettings, evaluate
         settings = _build(EvalSettings, evals["settings"], "study.eval")
-        evaluate(result.run_id, evals["tasks"], **dataclasses.asdict(settings))
-    final = {M.final(k): v for k, v in result.metrics.items()}
-    if M.VAL_LOSS in result.metrics:
-        # A scheduler (ASHA) ranks every result by it at its time attribute, a skipped trial's
-        # only result included.
-        final |= {k: result.metrics[k] for k in (M.VAL_LOSS, M.VAL_BPB) if k in result.metrics}
-        final["step"] = cfg.train.steps
-    tune.report({**final, "skipped": float(result.skipped)})
+        evaluate(run_id, evals["tasks"], **dataclasses.asdict(settings))
 
 
 def _study_callback(experiment: str, uri: str, clock: StudyClock):
@@ -307,40 +331,49 @@ def _study_callback(experiment: str, uri: str, clock: StudyClock):
             if line:
                 print(f"[{clock.line()}] {line}", flush=True)
 
-        def _line(self, trial, text: str) -> None:
-            print(f"[{clock.line()}] {_trial_name(trial)}: {text}", flush=True)
-
         def on_trial_start(self, iteration, trials, trial, **info):
             clock.start(_trial_name(trial))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             # The trial's closing report (it carries `skipped`) repeats its last evaluation.
-            if M.VAL_LOSS in result and M.VAL_BPB in result and "skipped" not in result:
-                steps = trial.config["trial"]["steps"]
-                self._line(trial, f"step {int(result['step'])}/{steps}  {M.VAL_LOSS} "
-                                  f"{result[M.VAL_LOSS]:.4f}  {M.VAL_BPB} {result[M.VAL_BPB]:.4f}")
+            if "skipped" in result:
+                return
+            steps, members = trial.config["trial"]["steps"], trial.config["trial"]["members"]
+            for i, member in enumerate(members):
+                # A cohort reports member i's evaluation as `<metric>/<i>`.
+                suffix = "" if len(members) == 1 else f"/{i}"
+                loss, bpb = result.get(M.VAL_LOSS + suffix), result.get(M.VAL_BPB + suffix)
+                if loss is not None and bpb is not None:
+                    print(f"[{clock.line()}] {member['name']}: step {int(result['step'])}/"
+                          f"{steps}  {M.VAL_LOSS} {loss:.4f}  {M.VAL_BPB} {bpb:.4f}",
+                          flush=True)
 
         def _close(self, trial, status: str, reason: str) -> None:
+            """One line per member of the ended Tune trial (a trial, or a cohort's members)."""
             name = _trial_name(trial)
             clock.end(name)
             took = f" in {clock.finished[name]:.0f} s"
-            run = tracking.find_trial_run(uri, experiment, trial.config["trial"]["key"])
-            if run is not None and run.info.status == "RUNNING":
-                if reason == STOPPED_EARLY:
-                    end_stopped_early(uri, run.info.run_id)
+            last = trial.last_result or {}
+            for i, member in enumerate(trial.config["trial"]["members"]):
+                def line(text: str) -> None:
+                    print(f"[{clock.line()}] {member['name']}: {text}", flush=True)
+
+                run = tracking.find_trial_run(uri, experiment, member["key"])
+                if run is not None and run.info.status == "RUNNING":
+                    if reason == STOPPED_EARLY:
+                        end_stopped_early(uri, run.info.run_id)
+                    else:
+                        tracking.end_run(uri, run.info.run_id, status, reason)
+                    line(f"{status}{took}: {reason}")
+                elif run is None:
+                    line("no MLflow run")
                 else:
-                    tracking.end_run(uri, run.info.run_id, status, reason)
-                self._line(trial, f"{status}{took}: {reason}")
-            elif run is None:
-                self._line(trial, "no MLflow run")
-            else:
-                if not (trial.last_result or {}).get("skipped"):
-                    _log_trial_wall(uri, run, clock.finished[name])
-                failure = run.data.tags.get(tracking.FAILURE_TAG)
-                bpb = M.finals(run.data.metrics).get(M.VAL_BPB)
-                self._line(trial, run.info.status + took
-                           + (f": {failure}" if failure else "")
-                           + (f"  {M.VAL_BPB} {bpb:.4f}" if bpb is not None else ""))
+                    if not last.get(f"skipped/{i}"):
+                        _log_trial_wall(uri, run, clock.finished[name])
+                    failure = run.data.tags.get(tracking.FAILURE_TAG)
+                    bpb = M.finals(run.data.metrics).get(M.VAL_BPB)
+                    line(run.info.status + took + (f": {failure}" if failure else "")
+                         + (f"  {M.VAL_BPB} {bpb:.4f}" if bpb is not None else ""))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._close(trial, "KILLED", STOPPED_EARLY)
@@ -549,8 +582,13 @@ class _TuneRun:
 
         if not verbose():  # Tune's own reporter would print its banner whatever `verbose` says
             os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        # Cohorts only under fifo: an early-stopping scheduler stops a whole Tune trial.
+        together = self.study.cohorts and scheduler_name == "fifo"
+        groups = (form_cohorts(trials, self.study.cohort_size) if together
+                  else [[t] for t in trials])
+        entries = [_tune_entry(g) for g in groups]
         clock = StudyClock(self.study.max_concurrent,
-                           {t.run_name: trial_flops(t) for t in trials})
+                           {e["name"]: sum(map(trial_flops, g)) for e, g in zip(entries, groups)})
         scheduler = None
         if scheduler_name == "asha":
             from ray.tune.schedulers import ASHAScheduler
@@ -559,7 +597,7 @@ class _TuneRun:
             scheduler = ASHAScheduler(metric=M.VAL_LOSS, mode="min", time_attr="step",
                                       max_t=max(t.train.steps for t in trials) + 1,
                                       grace_period=min(t.train.eval_every for t in trials))
-        param_space = {"trial": tune.grid_search([_tune_entry(t) for t in trials]),
+        param_space = {"trial": tune.grid_search(entries),
                        "parent_run_id": self.parent,
                        "glue": {"tasks": [] if tags else self.study.glue_tasks,
                                 "settings": self.study.glue, "data_dir": self.study.glue_data_dir},
@@ -582,14 +620,27 @@ class _TuneRun:
             grid = tuner.fit()
         # The last line of a trial's error is its own exception (Ray prefixes task details).
         summary["errors"] += [last_line(e)[:400] for e in grid.errors]
-        # Done means its closing report (which carries `skipped`) arrived: after a Ctrl-C,
-        # Tune hands back the interrupted trials too, without an error.
-        finished = [r for r in grid
-                    if r.error is None and r.config and "skipped" in (r.metrics or {})]
-        summary["skipped"] += [_trial_name(r) for r in finished if r.metrics["skipped"]]
-        summary["trained"] += [_trial_name(r) for r in finished if not r.metrics["skipped"]]
-        ended = {_trial_name(r) for r in finished} | {_trial_name(r) for r in grid
-                                                       if r.error is not None and r.config}
+        # Done means its closing report (per member: `skipped/<i>`, or `failed/<i>` for a
+        # cohort's member that diverged) arrived: after a Ctrl-C, Tune hands back the
+        # interrupted trials too, without an error (and some without their config).
+        ended: set[str] = set()
+        for r in (r for r in grid if r.config):
+            members = r.config["trial"]["members"]
+            if r.error is not None:
+                ended |= {member["name"] for member in members}
+                continue
+            for i, member in enumerate(members):
+                metrics = r.metrics or {}
+                if metrics.get(f"failed/{i}"):
+                    run = tracking.find_trial_run(self.uri, self.experiment, member["key"])
+                    summary["errors"].append(
+                        f"trial {member['name']} {run.data.tags.get(tracking.FAILURE_TAG)}")
+                elif f"skipped/{i}" in metrics:
+                    summary["skipped" if metrics[f"skipped/{i}"] else "trained"].append(
+                        member["name"])
+                else:
+                    continue
+                ended.add(member["name"])
         # Neither is a trial the scheduler stopped (ASHA), nor one whose run finished as the
         # study was stopped: MLflow tells which of the others are still to train.
         unfinished = pending_search_trials(self.uri, [t for t in trials
@@ -637,12 +688,16 @@ def _reuses_actors(scheduler: Any, param_space: dict[str, Any]) -> bool:
     return scheduler is None and not (param_space["glue"]["tasks"] or param_space["eval"]["tasks"])
 
 
-def _tune_entry(t: TrialConfig) -> dict[str, Any]:
-    """A trial as Tune carries it: the config object (Tune passes it to the trainable through
-    its object store, by reference) beside the plain values callbacks read in the driver."""
-    return {"spec": t, "name": t.run_name, "key": t.key(), "steps": t.train.steps}
+def _tune_entry(trials: list[TrialConfig]) -> dict[str, Any]:
+    """A trial or a cohort as Tune carries it: the config objects (Tune passes them to the
+    trainable through its object store, by reference) beside the plain values callbacks read
+    in the driver."""
+    first = trials[0]
+    name = first.run_name if len(trials) == 1 else f"cohort{len(trials)}-{first.run_name}"
+    return {"specs": trials, "name": name, "steps": first.train.steps,
+            "members": [{"name": t.run_name, "key": t.key()} for t in trials]}
 
 
 def _trial_name(trial) -> str:
-    """The trial's run name (for a Tune trial or result alike)."""
+    """The Tune trial's name (a trial's run name, or its cohort's), for a trial or result."""
     return trial.config["trial"]["name"]

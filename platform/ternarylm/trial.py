@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ternarylm import metrics as M
 from ternarylm import logged_model, plots, run_inputs, tracking
@@ -55,9 +55,11 @@ class TrialResult:
     """True when the trial had already finished and nothing was trained."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of the phases of this launch (setup, train, finish)."""
+    failure: str | None = None
+    """Why a FAILED trial failed, in one line with what to do."""
 
 
-def _existing_result(uri: str, run) -> TrialResult:
+def existing_result(uri: str, run) -> TrialResult:
     return TrialResult(run.info.run_id, run.data.tags[tracking.TRIAL_KEY_TAG], run.info.status,
                        M.finals(run.data.metrics), skipped=True)
 
@@ -90,24 +92,65 @@ def open_run(cfg: TrialConfig, uri: str, parent_run_id: str | None,
     return run_id, None
 
 
-def build_trainer(cfg: TrialConfig, runtime: TrialRuntime, callbacks: list | None = None):
+def make_trainer(cfg: TrialConfig, entry: Callable[[dict[str, bytes]], None],
+                 loop_config: dict[str, bytes], name: str, callbacks: list | None = None):
+    """A TorchTrainer of `cfg`'s workers (resources, backend, storage, failure budget) running
+    `entry` (a trial's or a cohort's loop), its Ray Train run called `name`."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     return TorchTrainer(
-        train_worker,
-        train_loop_config=payload(cfg, runtime),
+        entry,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        # Named by key and MLflow run: a resumed run finds its checkpoints; a new run (a new
-        # tracking store, or a run deleted) never resumes another run's finished checkpoint.
-        run_config=RunConfig(name=f"trial-{cfg.key()}-{runtime.run_id[:12]}",
-                             storage_path=storage_path(cfg),
+        run_config=RunConfig(name=name, storage_path=storage_path(cfg),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              callbacks=callbacks or []),
     )
+
+
+def build_trainer(cfg: TrialConfig, runtime: TrialRuntime, callbacks: list | None = None):
+    # Named by key and MLflow run: a resumed run finds its checkpoints; a new run (a new
+    # tracking store, or a run deleted) never resumes another run's finished checkpoint.
+    return make_trainer(cfg, train_worker, payload(cfg, runtime),
+                        f"trial-{cfg.key()}-{runtime.run_id[:12]}", callbacks)
+
+
+def preflight(cfgs: list[TrialConfig], uri: str) -> tuple[str | None, dict[str, Any]]:
+    """Every check before an MLflow run exists (bad input leaves no run half made), then Ray
+    joined or started; returns the cluster's address (None: a cluster of our own) and each
+    corpus prepared, by `repr` of its DataConfig."""
+    for path in {storage_path(c) for c in cfgs}:
+        check_storage(path)
+    address = ray_address()
+    # Fails on bad data before any worker starts; workers hit the cache.
+    prepared = {key: prepare_data(data) for key, data in {repr(c.data): c.data
+                                                          for c in cfgs}.items()}
+    tracking.check_tracking(uri)
+    address = connect_ray(address)
+    check_capacity(cfgs)
+    return address, prepared
+
+
+def fit_trainer(trainer, uri: str, run_ids: list[str], watch: str | None, what: str):
+    """Ray Train's fit(); when it fails, every run it trained is marked FAILED and TrialFailed
+    names the cause (KILLED on Ctrl-C, re-raised)."""
+    try:
+        with cluster_watch(watch, uri, run_ids[0], what):
+            return trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C: the runs say they are not done; the CLI says what to do
+        for run_id in run_ids:
+            tracking.end_run(uri, run_id, "KILLED", INTERRUPTED)
+        raise
+    except Exception as e:
+        cause = last_line(e)
+        for run_id in run_ids:
+            tracking.end_run(uri, run_id, "FAILED", f"training failed: {cause}")
+        raise TrialFailed(f"{what} failed: {cause}; when its cause is fixed, run the same "
+                          f"command again to resume from its last checkpoint") from e
 
 
 def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
@@ -120,50 +163,47 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
     """
     t0 = time.perf_counter()
     uri = tracking_uri or tracking.tracking_uri()
-    # Every check before the MLflow run exists: bad input leaves no run half made.
-    check_storage(storage_path(cfg))
-    address = ray_address()
-    prepared = prepare_data(cfg.data)  # fails on bad data before any worker starts
-    tracking.check_tracking(uri)
-    address = connect_ray(address)
-    check_capacity([cfg])
+    address, prepared = preflight([cfg], uri)
     run_id, finished = open_run(cfg, uri, parent_run_id, tags)
     if finished is not None:
-        return _existing_result(uri, finished)
+        return existing_result(uri, finished)
     tracking.log_params(uri, run_id, cfg.flat())
-    run_inputs.log_datasets(uri, run_id, cfg.data, prepared)
+    run_inputs.log_datasets(uri, run_id, cfg.data, prepared[repr(cfg.data)])
     t1 = time.perf_counter()
     # Set before the trainer is built: its payload is the runtime pickled (`worker.payload`).
     runtime = TrialRuntime(uri, run_id, launched_at=time.time())
     trainer = build_trainer(cfg, runtime, callbacks)
     quarantined = tracking.client(uri).get_run(run_id).data.tags.get(QUARANTINED_TAG)
-    try:
-        # Inside a study's Tune actor the cluster's loss ends the actor; watch only as a CLI.
-        watch = address if parent_run_id is None else None
-        with cluster_watch(watch, uri, run_id, f"trial {cfg.run_name}"):
-            result = trainer.fit()
-    except KeyboardInterrupt:  # Ctrl-C: the run says it is not done; the CLI says what to do
-        tracking.end_run(uri, run_id, "KILLED", INTERRUPTED)
-        raise
-    except Exception as e:
-        cause = last_line(e)
-        tracking.end_run(uri, run_id, "FAILED", f"training failed: {cause}")
-        raise TrialFailed(f"trial {cfg.run_name} failed: {cause}; when its cause is fixed, run "
-                          f"the same command again to resume from its last checkpoint") from e
-    t2 = time.perf_counter()
+    # Inside a study's Tune actor the cluster's loss ends the actor; watch only as a CLI.
+    watch = address if parent_run_id is None else None
+    result = fit_trainer(trainer, uri, [run_id], watch, f"trial {cfg.run_name}")
+    now = tracking.client(uri).get_run(run_id).data.tags.get(QUARANTINED_TAG, quarantined)
+    if now != quarantined:  # said by this launch's workers
+        print(f"ternarylm: trial {cfg.run_name}: {now}", file=sys.stderr, flush=True)
+    times = {M.SETUP_S: t1 - t0, M.FIT_S: time.perf_counter() - t1}
+    out = settle(uri, run_id, cfg, times, (result.metrics or {}).get(M.TRAIN_LOOP_S))
+    if out.failure:
+        raise TrialFailed(out.failure)
+    return out
+
+
+def settle(uri: str, run_id: str, cfg: TrialConfig, times: dict[str, float],
+           loop_s: float | None) -> TrialResult:
+    """After its workers ended: a run they ended early (a full disk, a diverged loss) FAILED
+    with the reason, any other's plots and FINISHED, with this launch's phase times (`times`:
+    setup and fit) and its time outside the loop."""
+    started = time.perf_counter()
     run = tracking.client(uri).get_run(run_id)
-    if run.data.tags.get(QUARANTINED_TAG, quarantined) != quarantined:  # said by this launch
-        print(f"ternarylm: trial {cfg.run_name}: {run.data.tags[QUARANTINED_TAG]}",
-              file=sys.stderr, flush=True)
-    check_ending(uri, run, cfg.run_name)
+    failure = ending_failure(uri, run, cfg.run_name)
+    if failure:
+        return TrialResult(run_id, cfg.key(), "FAILED", failure=failure)
     t_model = time.perf_counter()
     logged_model.log_trial_model(uri, run_id, cfg)
     model_s = time.perf_counter() - t_model
     finish_run(uri, run_id, cfg, run.data.metrics)
-    seconds = {M.SETUP_S: t1 - t0, M.FIT_S: t2 - t1, M.FINISH_S: time.perf_counter() - t2}
-    loop = (result.metrics or {}).get(M.TRAIN_LOOP_S)
-    if loop is not None:  # absent when resumed at the last step
-        seconds[M.OUTSIDE_TRAINING_S] = sum(seconds.values()) - loop
+    seconds = times | {M.FINISH_S: time.perf_counter() - started}
+    if loop_s is not None:  # absent when resumed at the last step
+        seconds[M.OUTSIDE_TRAINING_S] = sum(seconds.values()) - loop_s
     seconds[M.LOGGED_MODEL_S] = model_s
     tracking.log_at_last_step(uri, run_id, seconds)
     return TrialResult(run_id, cfg.key(), "FINISHED",
@@ -171,21 +211,21 @@ def run_trial(cfg: TrialConfig, *, parent_run_id: str | None = None,
                        seconds=seconds)
 
 
-def check_ending(uri: str, run, name: str) -> None:
-    """Fail the run (and raise TrialFailed) when its workers ended early and tagged why: a
-    full disk, or a loss that diverged (Ray Train keeps only checkpointed reports)."""
+def ending_failure(uri: str, run, name: str) -> str | None:
+    """When its workers ended the run early and tagged why (a full disk, a loss that diverged:
+    Ray Train keeps only checkpointed reports), fail the run and say what to do; else None."""
     run_id = run.info.run_id
     full = run.data.tags.get(tracking.DISK_FULL_TAG)
     if full:
         tracking.end_run(uri, run_id, "FAILED", full)
-        raise TrialFailed(f"trial {name}: {full}; free space there (or choose another "
-                          f"storage_path) and run the same command again to resume from its "
-                          f"last checkpoint")
+        return (f"trial {name}: {full}; free space there (or choose another storage_path) and "
+                f"run the same command again to resume from its last checkpoint")
     diverged = run.data.tags.get(DIVERGED_TAG)
     if diverged:
         tracking.end_run(uri, run_id, "FAILED", f"diverged: {diverged}")
-        raise TrialFailed(f"trial {name} diverged: {diverged}; lower train.lr or "
-                          f"raise train.warmup_steps, or clip harder (train.grad_clip)")
+        return (f"trial {name} diverged: {diverged}; lower train.lr or raise "
+                f"train.warmup_steps, or clip harder (train.grad_clip)")
+    return None
 
 
 def finish_run(uri: str, run_id: str, cfg: TrialConfig, latest: dict[str, float]) -> None:

@@ -31,8 +31,21 @@ def payload(trial: Any, runtime: TrialRuntime) -> dict[str, bytes]:
     return {"payload": pickle.dumps({"trial": trial, "runtime": runtime})}
 
 
+def cohort_payload(trials: list[Any], runtimes: list[TrialRuntime]) -> dict[str, bytes]:
+    """The `train_loop_config` of a cohort's workers: its members' configs and runtimes, in
+    the same order."""
+    return {"payload": pickle.dumps({"trials": trials, "runtimes": runtimes})}
+
+
 def train_worker(config: dict[str, bytes]) -> None:
-    """Entry point of every Ray Train worker (`train_loop_per_worker`)."""
+    """Entry point of every Ray Train worker of a trial (`train_loop_per_worker`)."""
     from ternarylm.train import run_worker
 
     run_worker(pickle.loads(config["payload"]))
+
+
+def cohort_worker(config: dict[str, bytes]) -> None:
+    """Entry point of every Ray Train worker of a cohort."""
+    from ternarylm.cohort_train import run_cohort_worker
+
+    run_cohort_worker(pickle.loads(config["payload"]))
