@@ -20,17 +20,12 @@ start-up out of the wall times. Per mode it reports:
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This folder's tokenize.py would shadow the standard library's (imported by logging, ray).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 import argparse
 import json
+import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
