@@ -480,6 +480,28 @@ def test_a_deleted_run_of_a_half_finished_trial_is_said_and_trained_again(tmp_pa
     assert line.endswith("training it again from the start under a new run")
 
 
+def test_a_study_says_what_its_trials_met_where_the_user_reads(tmp_path, mlflow_uri):
+    """The notes a study prints for its trials (their own lines go to their actors' logs): a
+    trial whose run was deleted trains again; a trial whose newest checkpoint was quarantined
+    names it. A trial with neither gets no note."""
+    from ternarylm.train import QUARANTINED_TAG
+    from ternarylm.trial import deleted_run_note, open_run, quarantine_note
+
+    plain = TrialConfig.from_dict(with_(TRIAL, data__source=str(tmp_path / "corpus.txt")))
+    other = TrialConfig.from_dict(with_(TRIAL, data__source=str(tmp_path / "corpus.txt"), seed=7))
+    experiment_id = tracking.ensure_experiment(plain.experiment, mlflow_uri)
+    gone, _ = open_run(plain, mlflow_uri, None)
+    kept, _ = open_run(other, mlflow_uri, None)
+    MlflowClient(mlflow_uri).delete_run(gone)
+    note = deleted_run_note(mlflow_uri, experiment_id, plain)
+    assert note and f"its earlier MLflow run {gone} (RUNNING when deleted) was deleted" in note
+    assert deleted_run_note(mlflow_uri, experiment_id, other) is None
+    assert quarantine_note(mlflow_uri, other.experiment, other) is None
+    tracking.set_tags(mlflow_uri, kept, {QUARANTINED_TAG: "checkpoint X renamed; resumed"})
+    assert quarantine_note(mlflow_uri, other.experiment, other) == (
+        f"trial {other.run_name}: checkpoint X renamed; resumed")
+
+
 @pytest.mark.slow
 def test_ray_processes_of_a_killed_driver_are_stopped_by_the_next_command(
         tmp_path, tinystories, mlflow_uri, isolated_home):

@@ -39,7 +39,8 @@ from ternarylm.cluster import (DRIVER_RESOURCE, check_capacity, check_storage, c
                                connect_ray, keep_worker_logs, ray_address, verbose)
 from ternarylm.cluster import storage_path as trial_storage_path
 from ternarylm.errors import Fault, Interrupted
-from ternarylm.trial import INTERRUPTED, last_line, run_trial
+from ternarylm.trial import (INTERRUPTED, deleted_run_note, last_line, quarantine_note,
+                             run_trial)
 
 STUDY_TAG = "ternarylm.study"
 STOPPED_EARLY = "stopped early by the scheduler"
@@ -467,6 +468,10 @@ def _train_and_report(study: StudyConfig, cells: dict[str, list[TrialConfig]],
     trials = [t for ts in cells.values() for t in ts]
     print(f"study {study.name}: {len(trials)} trials, MLflow parent run {parent} at {uri}",
           flush=True)
+    experiment_id = tracking.ensure_experiment(experiment, uri)
+    # Said here, where the user reads: the trials' own lines go to their actors' logs.
+    for note in filter(None, (deleted_run_note(uri, experiment_id, t) for t in trials)):
+        print(f"note: {note}", flush=True)
     summary: dict[str, Any] = {"trained": [], "skipped": [], "errors": [], "lr_search": {}}
     with cluster_watch(address, uri, parent, f"study {study.name}"):
         if study.search:
@@ -478,6 +483,10 @@ def _train_and_report(study: StudyConfig, cells: dict[str, list[TrialConfig]],
             summary["lr_search"] = report_lr_search(choices, parent, uri)
             trials = [t for ts in cells.values() for t in ts]
         tune_run.fit(trials, study.scheduler, {}, summary)
+    trained = set(summary["trained"])
+    for note in filter(None, (quarantine_note(uri, experiment, t) for t in trials
+                              if t.run_name in trained)):
+        print(f"note: {note}", flush=True)
     keep_worker_logs(uri, parent)
     summary |= report_study(study, trials, parent, uri, summary["errors"], summary["trained"])
     for key in ("trained", "skipped"):

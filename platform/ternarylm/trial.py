@@ -78,18 +78,37 @@ def open_run(cfg: TrialConfig, uri: str, parent_run_id: str | None,
     if run is not None:
         tracking.resume_run(uri, run.info.run_id)
         return run.info.run_id, None
-    deleted = tracking.find_run(uri, experiment_id, tracking.TRIAL_KEY_TAG, cfg.key(),
-                                deleted=True)
-    if deleted is not None:  # its checkpoints belong to that run: training starts over
-        print(f"ternarylm: trial {cfg.run_name}: its earlier MLflow run {deleted.info.run_id} "
-              f"({deleted.info.status} when deleted) was deleted; training it again from the "
-              f"start under a new run", file=sys.stderr, flush=True)
+    note = deleted_run_note(uri, experiment_id, cfg)
+    if note:  # its checkpoints belong to that run: training starts over
+        print(f"ternarylm: {note}", file=sys.stderr, flush=True)
     tags = {tracking.TRIAL_KEY_TAG: cfg.key(),
             tracking.NUMERICS_VERSION_TAG: str(NUMERICS_VERSIONS["trial"]),
             "ternarylm.size": cfg.size,
             "ternarylm.scheme": cfg.scheme, "ternarylm.plan": cfg.plan.name, **(tags or {})}
     run_id = tracking.start_run(uri, experiment_id, cfg.run_name, tags, parent_run_id)
     return run_id, None
+
+
+def deleted_run_note(uri: str, experiment_id: str, cfg: TrialConfig) -> str | None:
+    """The line for a trial with no live run but a deleted one: it trains again from the start
+    (its checkpoints belong to the deleted run); None otherwise."""
+    if tracking.find_run(uri, experiment_id, tracking.TRIAL_KEY_TAG, cfg.key()) is not None:
+        return None
+    deleted = tracking.find_run(uri, experiment_id, tracking.TRIAL_KEY_TAG, cfg.key(),
+                                deleted=True)
+    if deleted is None:
+        return None
+    return (f"trial {cfg.run_name}: its earlier MLflow run {deleted.info.run_id} "
+            f"({deleted.info.status} when deleted) was deleted; training it again from the "
+            f"start under a new run")
+
+
+def quarantine_note(uri: str, experiment: str, cfg: TrialConfig) -> str | None:
+    """The line for a trial whose newest checkpoint(s) could not be loaded: which were renamed
+    and where it resumed (the workers' tag); None otherwise."""
+    run = tracking.find_trial_run(uri, experiment, cfg.key())
+    tag = run.data.tags.get(QUARANTINED_TAG) if run is not None else None
+    return f"trial {cfg.run_name}: {tag}" if tag else None
 
 
 def make_trainer(cfg: TrialConfig, entry: Callable[[dict[str, bytes]], None],
