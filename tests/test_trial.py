@@ -28,7 +28,8 @@ TRIAL_METRICS = ({m for m in M.METRICS if "{" not in m} - {M.MFU, M.PEAK_CUDA}
 TRIAL_METRICS |= {M.final(m) for m in M.summary_names()} - {M.final(M.MFU),
                                                            M.final(M.PEAK_CUDA)}
 TRIAL_METRICS -= {M.STUDY_TRIALS, M.STUDY_FINISHED, M.STUDY_FAILED, M.STUDY_STOPPED,
-                  M.TRIAL_WALL_S, M.final(M.TRIAL_WALL_S)}  # the last two: a study's trials
+                  M.TRIAL_WALL_S, M.final(M.TRIAL_WALL_S),  # these two: a study's trials
+                  M.EVAL_SECONDS}  # an lm-eval child run's
 
 
 def trial_config(tmp_path: Path, corpus: Path, **train) -> Path:
