@@ -334,9 +334,9 @@ def test_ctrl_c_mid_study_is_no_success_and_a_second_copy_is_refused(tmp_path, t
     config = study_yaml(tmp_path / "study.yaml", tinystories, ["pico"], ["all_ternary"],
                         name="ctrlc")
     # 1,000 steps (about 5 s of a pico trial): the second trial still trains once the second
-    # copy of the study has been refused.
+    # copy of the study has been refused. One after the other: no cohort.
     raw = yaml.safe_load(config.read_text()) | {"seeds": [0, 1], "max_concurrent": 1,
-                                                "tokens": 512_000}
+                                                "tokens": 512_000, "cohorts": False}
     config.write_text(yaml.safe_dump(raw))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, **ray_head, "MLFLOW_TRACKING_URI": uri,
