@@ -82,7 +82,7 @@ def start_ray_head(temp: Path, env: dict, *, num_cpus: int = 2,
 
 def stop_ray_head(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """End the cluster of `start_ray_head`, and only it: its session's processes, by id."""
-    stop_session(proc.pid, grace=30, sig=sig)
+    stop_session(proc.pid, grace=10, sig=sig)  # then SIGKILL: what ignores SIGTERM holds nothing
     proc.wait(timeout=30)
 
 
