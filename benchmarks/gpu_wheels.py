@@ -46,6 +46,7 @@ import tempfile
 import zipfile
 from importlib import metadata
 from pathlib import Path
+from typing import NoReturn
 
 from packaging.markers import Marker
 from packaging.requirements import Requirement
@@ -112,7 +113,7 @@ TRIM = {"ray": ("ray/jars/",)}  # wheel -> path prefixes left out
 REPACK_OVER = 2**20  # wheels bigger than this are recompressed with LZMA
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     print(f"gpu_wheels: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -123,7 +124,6 @@ def local_version(name: str) -> str:
     except metadata.PackageNotFoundError:
         fail(f"{name} is not installed in this environment, so there is no tested version to "
              f"carry; run `make setup` and use .venv/bin/python")
-        raise  # unreachable: fail exits
 
 
 def fetch(name: str, version: str, out: Path, python: str) -> Path:
@@ -151,7 +151,6 @@ def wheel_of(name: str, folder: Path) -> Path:
         if canonicalize_name(w.name.split("-")[0]).replace("-", "_") == stem:
             return w
     fail(f"no wheel of {name} in {folder} after downloading it")
-    raise AssertionError  # unreachable
 
 
 def requirements(wheel: Path, extras: set[str], python: str) -> list[Requirement]:
@@ -207,18 +206,15 @@ def build(out: Path, python: str) -> tuple[dict[str, dict], list[dict]]:
             edges.append({"by": by, "needs": str(req), "met_by": f"image {known or '(version?)'}",
                           "ok": ok})
             continue
-        extras = set(req.extras)
-        if name in chosen and extras <= seen_extras[name]:
-            edges.append({"by": by, "needs": str(req), "met_by": chosen[name]["version"],
-                          "ok": Version(chosen[name]["version"]) in req.specifier})
-            continue
         if name not in chosen:
             version = local_version(name)
-            wheel = fetch(name, version, out, python)
-            chosen[name] = {"version": version, "wheel": wheel.name}
-        seen_extras[name] = seen_extras.get(name, set()) | extras
+            chosen[name] = {"version": version, "wheel": fetch(name, version, out, python).name}
         edges.append({"by": by, "needs": str(req), "met_by": chosen[name]["version"],
                       "ok": Version(chosen[name]["version"]) in req.specifier})
+        extras = set(req.extras)
+        if name in seen_extras and extras <= seen_extras[name]:
+            continue  # its requirements, for these extras, are walked already
+        seen_extras[name] = seen_extras.get(name, set()) | extras
         for sub in requirements(out / chosen[name]["wheel"], seen_extras[name], python):
             queue.append((sub, f"{name}{sorted(extras) if extras else ''}"))
     for name, entry in chosen.items():
@@ -295,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     unchecked = sorted({e["needs"].split(";")[0] for e in edges if e["ok"] is None})
     total = sum(e["bytes"] for e in chosen.values())
     tree = tree_bytes()
-    for name, e in sorted(chosen.items(), key=lambda kv: -kv[1]["bytes"]):
+    for e in sorted(chosen.values(), key=lambda e: -e["bytes"]):
         how = e.get("repacked")
         note = "" if how is None else (" (LZMA" + "".join(f", without {p}" for p in how["left_out"])
                                        + f": {how['bytes_saved'] / 2**20:.1f} MiB saved)")
