@@ -51,9 +51,9 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def prepare(corpus: Path, work: Path) -> tuple[Path, float]:
+def prepare(corpus: Path, work: Path) -> float:
     """ternarylm's byte-token cache of the corpus, written as nanoGPT's dataset folder (uint16
-    train.bin, val.bin and meta.pkl); returns it and the validation bytes per token."""
+    train.bin, val.bin and meta.pkl); returns the validation bytes per token."""
     from ternarylm.data import prepare_data
     from ternarylm.data.cache import DataConfig
 
@@ -67,10 +67,10 @@ def prepare(corpus: Path, work: Path) -> tuple[Path, float]:
         vocab = max(vocab, int(tokens.max()) + 1)
         tokens.astype(np.uint16).tofile(folder / name)
     (folder / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": vocab}))
-    return folder, data.bytes_per_token("validation")
+    return data.bytes_per_token("validation")
 
 
-def nanogpt_run(checkout: Path, work: Path, iters: int, bytes_per_token: float) -> dict:
+def nanogpt_run(work: Path, iters: int, bytes_per_token: float) -> dict:
     """nanoGPT's train.py as its README runs it on a CPU, its lines timed as they appear."""
     args = ["--dataset=tinystories_bytes", "--device=cpu", "--compile=False", "--dtype=float32",
             f"--n_layer={LAYERS}", f"--n_head={HEADS}", f"--n_embd={WIDTH}",
@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         (work / "nanogpt").mkdir()
         for name in ("train.py", "model.py", "configurator.py"):
             shutil.copy(checkout / name, work / "nanogpt" / name)
-        _, bytes_per_token = prepare(Path(args.data), work)
+        bytes_per_token = prepare(Path(args.data), work)
         for r in range(args.repeats):
-            for run in (lambda: nanogpt_run(checkout, work, args.iters, bytes_per_token),
+            for run in (lambda: nanogpt_run(work, args.iters, bytes_per_token),
                         lambda: ours("fp", work, args.iters, Path(args.data)),
                         lambda: ours("all_ternary", work, args.iters, Path(args.data))):
                 row = run() | {"repeat": r}
