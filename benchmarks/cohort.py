@@ -56,7 +56,7 @@ def run_mode(config: Path, directory: Path, cohorts: bool) -> dict:
     """One study in a fresh store; its wall time and per-trial figures from MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from ternarylm import metrics as M
+    from ternarylm.core import metrics as M
 
     uri = f"sqlite:///{directory / 'mlflow.db'}"
     args = [sys.executable, str(REPO / "studies" / "scaling.py"), "--config", str(config),

@@ -89,7 +89,7 @@ def train(config: Path, env: dict) -> dict:
 
 
 def figures(result: dict, global_batch_tokens: int) -> dict:
-    from ternarylm import metrics as M
+    from ternarylm.core import metrics as M
 
     m = result["metrics"]
     return {"step_s": global_batch_tokens / m[M.TOKENS_PER_S],
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         packed = d / "packed.safetensors"
         subprocess.run([*CLI, "pack", runs["all_ternary"]["run_id"], "--out",
                         str(packed)], env=env, check=True, capture_output=True)
-        from ternarylm.footprint import decode_times
+        from ternarylm.deploy.footprint import decode_times
 
         times = decode_times([packed], args.decode_tokens, threads=1)[0]
         out["packed_decode_ms_per_token_1_thread"] = sorted(times)[len(times) // 2]

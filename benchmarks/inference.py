@@ -2,7 +2,7 @@
 
 For each size (random weights; the paper's 30,522-token vocabulary), writes the FP32 model and
 the packed model (all_ternary absmean, int8 embedding and head: `ternarylm pack`'s defaults),
-then measures, each in a fresh subprocess (`ternarylm.footprint`, shared with the paper-claims
+then measures, each in a fresh subprocess (`ternarylm.deploy.footprint`, shared with the paper-claims
 report), resident memory per model and decode speed at batch 1 with a KV cache, the models
 taking turns token by token. The packed model also runs on torch's int8 matmul (`int8 path`),
 the alternative to our kernels.
@@ -22,8 +22,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from ternarylm import cpu_kernels
-from ternarylm.footprint import (decode_times, resident_bytes, ternary_ratio,
+from ternarylm.kernels import cpu
+from ternarylm.deploy.footprint import (decode_times, resident_bytes, ternary_ratio,
                                  write_models)
 
 
@@ -50,7 +50,7 @@ def bench_size(size: str, plan: str, trits: bool, n_tokens: int, threads: list[i
             "fp32_rss_bytes": fp32_rss, "packed_rss_bytes": packed_rss,
             "rss_ratio": round(fp32_rss / packed_rss, 2), "int8_path_rss_bytes": int8_rss,
             **speeds[threads[0]], "threads": threads[0], "by_threads": speeds,
-            "cpu_kernels": cpu_kernels.supports(cpu_kernels.TERNARY)}
+            "cpu_kernels": cpu.supports(cpu.TERNARY)}
 
 
 def main() -> None:

@@ -47,14 +47,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ternarylm.artifacts import load_trained, save_trained
+from ternarylm.deploy.artifacts import load_trained, save_trained
 from ternarylm.config import TrialConfig
 from ternarylm.data import build_tokenizer, eos_id
-from ternarylm.export import export_gguf
-from ternarylm.model import TernaryLM, model_config
-from ternarylm.inference import load_packed
-from ternarylm.packing import pack_model
-from ternarylm.plans import apply_plan, convert
+from ternarylm.deploy.export import export_gguf
+from ternarylm.model.transformer import TernaryLM, model_config
+from ternarylm.deploy.inference import load_packed
+from ternarylm.deploy.packing import pack_model
+from ternarylm.model.plans import apply_plan, convert
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared" / "data")

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import yaml
 
-from ternarylm.cluster import free_port, session_processes, stop_session
+from ternarylm.training.cluster import free_port, session_processes, stop_session
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "cluster" / "aws.yaml"

@@ -1,9 +1,9 @@
 """The quality gap of each recipe to the FP trial, at nanoGPT's CPU "baby GPT" budget.
 
 Issue "Anchor recipes": at that budget our all_ternary absmean trial ends 0.067 bits per byte
-behind the same FP trial. This runs one real trial per recipe (ternarylm.recipes, plus
+behind the same FP trial. This runs one real trial per recipe (ternarylm.model.recipes, plus
 `absmean`: the plain all_ternary absmean trial that figure is about) on the Sherlock Holmes
-text, one after another, through the project's trial path (`ternarylm.trial.run_trial`: Ray
+text, one after another, through the project's trial path (`ternarylm.training.trial.run_trial`: Ray
 Train, one worker of 2 CPUs, DeepSpeed, MLflow), and prints each recipe's final validation bits
 per byte, its gap to `fp`, its ternary sparsity and its wall time, then which recipe narrows
 the gap most.
@@ -16,7 +16,7 @@ Its optimiser settings that no recipe sets are shared by every trial: peak learn
 cosine to 1e-4 (min_lr_ratio 0.1), 100 warmup steps (5% of the steps), AdamW betas (0.9, 0.99),
 gradient clip 1.0. The blocks stay ternarylm's (RMSNorm, rotary, SwiGLU; untied head), not
 nanoGPT's GPT-2 blocks. Each recipe then brings its block, scheme, plan, schedule and weight
-decay, merged into the shared trial exactly as a study merges them (`ternarylm.study.merge`);
+decay, merged into the shared trial exactly as a study merges them (`ternarylm.orchestration.study.merge`);
 `absmean` brings only scheme absmean and plan all_ternary, so it is the `fp` trial but for its
 precision plan (both keep the default weight decay 0.01 and cosine schedule).
 
@@ -45,12 +45,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ternarylm import metrics as M
+from ternarylm.core import metrics as M
 from ternarylm.config import TrialConfig
-from ternarylm.errors import UserError
-from ternarylm.frontier import markdown
-from ternarylm.recipes import RECIPES, recipe_overrides
-from ternarylm.study import merge
+from ternarylm.core.errors import UserError
+from ternarylm.analysis.frontier import markdown
+from ternarylm.model.recipes import RECIPES, recipe_overrides
+from ternarylm.orchestration.study import merge
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -75,7 +75,7 @@ class QualityGapError(UserError):
 
 
 def parse_recipes(text: str) -> list[str]:
-    """Comma-separated recipe names, each a recipe of ternarylm.recipes or `absmean`."""
+    """Comma-separated recipe names, each a recipe of ternarylm.model.recipes or `absmean`."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise QualityGapError(f"--recipes is empty; give comma-separated names from "
@@ -174,7 +174,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def run(trials: dict[str, TrialConfig], tracking_uri: str | None,
         quiet: bool) -> list[dict[str, Any]]:
-    from ternarylm.trial import TrialFailed, run_trial
+    from ternarylm.training.trial import TrialFailed, run_trial
 
     rows = []
     for i, (name, cfg) in enumerate(trials.items(), 1):

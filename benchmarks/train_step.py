@@ -1,7 +1,7 @@
 """Step time of simulated ternary training against full precision, on the worker's real step.
 
 For each size, builds two DeepSpeed engines exactly as a Ray Train worker does
-(`ternarylm.train.build_engine`: the trial's model under its plan, AdamW with the trial's
+(`ternarylm.training.train.build_engine`: the trial's model under its plan, AdamW with the trial's
 parameter groups and schedule, `deepspeed_config`, ZeRO stage 1, fp32 on CPU), one under the
 `fp` plan and one under `all_ternary` (absmean by default), in a one-process gloo group. One
 step is what `_Loop._train_step` runs: engine forward, cross-entropy, `engine.backward`,
@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from ternarylm.config import TrialConfig
-from ternarylm.quantizers import TERNARY_SCHEMES
-from ternarylm.train import build_engine
+from ternarylm.model.quantizers import TERNARY_SCHEMES
+from ternarylm.training.train import build_engine
 
 # size -> (micro batch, sequence length) a 2-CPU worker trains it with.
 SHAPES = {"micro": (12, 64), "mini": (12, 128), "small": (8, 256)}
@@ -74,7 +74,7 @@ class Engine:
         self.times: list[float] = []
 
     def step(self, record: bool = True) -> None:
-        """One micro step of `ternarylm.train._Loop._train_step` (grad_accum = 1)."""
+        """One micro step of `ternarylm.training.train._Loop._train_step` (grad_accum = 1)."""
         start = time.perf_counter()
         logits = self.engine(self.x)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), self.y.flatten(),

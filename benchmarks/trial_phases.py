@@ -44,7 +44,7 @@ PHASES = ("tune_start", "driver_setup", "worker_launch", "worker_init", "trainin
 
 def phases(finals: dict[str, float]) -> dict[str, float]:
     """The phases of one trial from its latest metric values (keyed by metric name)."""
-    from ternarylm import metrics as M
+    from ternarylm.core import metrics as M
 
     setup, fit, finish = finals[M.SETUP_S], finals[M.FIT_S], finals[M.FINISH_S]
     inside_fit = {"worker_launch": finals[M.WORKER_START_S], "worker_init": finals[M.WORKER_INIT_S],
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     import scaling
 
     from ternarylm import tracking
-    from ternarylm.errors import UserError
-    from ternarylm.study import run_study
+    from ternarylm.core.errors import UserError
+    from ternarylm.orchestration.study import run_study
 
     with tempfile.TemporaryDirectory() as d:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d}/mlflow.db"

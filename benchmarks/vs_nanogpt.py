@@ -128,7 +128,7 @@ def ours(plan: str, work: Path, iters: int, corpus: Path) -> dict:
     wall = time.monotonic() - started
     if out.returncode != 0:
         fail(f"ternarylm train ({plan}) failed: {out.stderr.strip().splitlines()[-1:]}")
-    from ternarylm import metrics as M
+    from ternarylm.core import metrics as M
 
     m = json.loads(out.stdout.strip().splitlines()[-1])["metrics"]
     eval_s = m.get(M.EVAL_S, 0.0)

@@ -2,7 +2,7 @@
 
 The paper-claims study's own code, beside the study that runs it (studies/paper_claims.py),
 not in the library: the claims, their figures and tolerances, the evidence and the report. Every
-claim's rule is a test with three outcomes from `ternarylm.verdicts` (supports, contradicts,
+claim's rule is a test with three outcomes from `ternarylm.analysis.verdicts` (supports, contradicts,
 cannot tell), with the scale guard the claim needs. Seeds are the unit of every interval and
 test: one value per trained model (for GLUE, per fine-tuning of one pretrained seed: both
 sources of variance pooled). Each *cannot tell* says what would decide it (`Power`), from the
@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from scipy import stats
 
-from ternarylm import tables
+from ternarylm.core import tables
 from ternarylm.config import ConfigError, _build, load_yaml
-from ternarylm.model import model_config
-from ternarylm.verdicts import (ALPHA, CANNOT_TELL, CONFIDENCE, CONTRADICTS, MAX_SEEDS,
+from ternarylm.model.transformer import model_config
+from ternarylm.analysis.verdicts import (ALPHA, CANNOT_TELL, CONFIDENCE, CONTRADICTS, MAX_SEEDS,
                                 MIN_SEEDS, SUPPORTS, VERDICTS, Interval, Power, Test, above_test,
                                 band_power, band_test, bootstrap_interval, combine, hedges_g, pct,
                                 pooled_sd, seed_interval, shift_power, welch_p)
@@ -380,7 +380,7 @@ def quality_finding(rows: list[dict[str, Any]], scale: Scale) -> Finding:
 
 def glue_scores(ev: GlueEvidence) -> dict[str, Any]:
     """The task's metric (points) of the model and of the majority baseline on the same dev."""
-    from ternarylm.glue import glue_metrics
+    from ternarylm.evaluation.glue import glue_metrics
 
     y, p = np.asarray(ev.labels), np.asarray(ev.predictions)
     if y.shape != p.shape or not len(y):
@@ -727,7 +727,7 @@ class ClaimsConfig:
     depth: dict[str, Any] = field(default_factory=dict)
     """Claim 5: a study of a 12-block size with all_ternary under one or more schemes."""
     glue: dict[str, Any] = field(default_factory=dict)
-    """Claim 2: fine-tuning settings (ternarylm.glue.GlueSettings fields; `seed` is set from
+    """Claim 2: fine-tuning settings (ternarylm.evaluation.glue.GlueSettings fields; `seed` is set from
     finetune_seeds)."""
     glue_tasks: list[str] = field(default_factory=lambda: ["mrpc"])
     """Claim 2: the GLUE tasks to fine-tune on (mrpc, sst2, cola)."""
@@ -749,8 +749,8 @@ class ClaimsConfig:
     """The sub-studies as StudyConfigs (built here, so a bad one fails before anything runs)."""
 
     def __post_init__(self) -> None:
-        from ternarylm.glue import GlueSettings
-        from ternarylm.study import StudyConfig, merge
+        from ternarylm.evaluation.glue import GlueSettings
+        from ternarylm.orchestration.study import StudyConfig, merge
 
         self.studies = {}
         for key in SUB_STUDIES:
@@ -799,8 +799,8 @@ def glue_evidence(row: dict[str, Any], task: str, settings: dict[str, Any], seed
                   data_dir: str | None) -> GlueEvidence:
     """Fine-tune a trial's model on a task's train split and predict all of dev
     (glue.finetune)."""
-    from ternarylm.artifacts import load_trained
-    from ternarylm.glue import GlueSettings, finetune, load_glue, majority_label, resolve_data_dir
+    from ternarylm.deploy.artifacts import load_trained
+    from ternarylm.evaluation.glue import GlueSettings, finetune, load_glue, majority_label, resolve_data_dir
 
     glue_dir = resolve_data_dir(data_dir)
     train, dev = load_glue(task, "train", glue_dir), load_glue(task, "dev", glue_dir)
@@ -814,9 +814,9 @@ def initial_blocks(row: dict[str, Any]) -> tuple[dict[int, float], float]:
     """A trial's per-block zero fractions at initialisation (the same seed, plan and scheme as
     its training, train.py's construction), and the zero fraction LSQ's own initialisation
     (scale 2 mean|W|, so zeros where |W| < mean|W|) would give the same weights."""
-    from ternarylm.analysis import block_sparsity, layer_stats
-    from ternarylm.model import TernaryLM
-    from ternarylm.plans import apply_plan, preset
+    from ternarylm.model.stats import block_sparsity, layer_stats
+    from ternarylm.model.transformer import TernaryLM
+    from ternarylm.model.plans import apply_plan, preset
 
     torch.manual_seed(row["seed"])
     model = TernaryLM(model_config(row["size"]))
@@ -831,7 +831,7 @@ def initial_blocks(row: dict[str, Any]) -> tuple[dict[int, float], float]:
 
 def measure_footprint(model: str, size: str, fp32: Path, packed: Path, tokens: int,
                       threads: int, repeats: int = 2) -> Footprint:
-    from ternarylm.footprint import decode_times, peak_decode_bytes
+    from ternarylm.deploy.footprint import decode_times, peak_decode_bytes
 
     fp32_ms, packed_ms = decode_times([fp32, packed], tokens, threads)
     peaks = [[peak_decode_bytes(path, tokens, threads) for _ in range(repeats)]
@@ -849,8 +849,8 @@ def trained_footprint(fp_row: dict[str, Any], ternary_row: dict[str, Any], direc
                       tokens: int, threads: int, repeats: int) -> Footprint:
     """The trained ternary model packed, against the trained FP model of the same size in
     FP32."""
-    from ternarylm.artifacts import load_trained
-    from ternarylm.packing import pack_model
+    from ternarylm.deploy.artifacts import load_trained
+    from ternarylm.deploy.packing import pack_model
 
     files = []
     for row, dtype in ((fp_row, "fp32"), (ternary_row, "int8")):
@@ -864,7 +864,7 @@ def trained_footprint(fp_row: dict[str, Any], ternary_row: dict[str, Any], direc
 def random_init_footprint(size: str, directory: Path, tokens: int, threads: int,
                           repeats: int) -> Footprint:
     """A randomly initialised model, all_ternary with the paper's scheme, against FP32."""
-    from ternarylm.footprint import write_models
+    from ternarylm.deploy.footprint import write_models
 
     fp32, packed = write_models(size, TERNARY_PLAN, False, directory, scheme=PAPER_SCHEME)
     return measure_footprint(f"{size} (random init)", size, fp32, packed, tokens, threads,
@@ -919,7 +919,7 @@ def seed_cost(study, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]
     """What one more seed of a sub-study costs: its trials, GPU-hours from the dry run
     (trial_table, at the assumed MFU), and laptop seconds from the measured trial wall times
     of `rows` when they have them."""
-    from ternarylm.study import trial_table
+    from ternarylm.orchestration.study import trial_table
 
     table = [r for r in trial_table(study) if r["seed"] == study.seeds[0]]
     walls = [r["trial_wall_s"] for r in rows or [] if r.get("trial_wall_s")]
@@ -1008,7 +1008,7 @@ def run_claims(cfg: ClaimsConfig, storage_path: str | None = None) -> dict[str, 
     """Run the sub-studies, decide every claim, log the report on every sub-study's parent run
     (each holds part of the evidence) and return it."""
     from ternarylm import tracking
-    from ternarylm.study import run_study
+    from ternarylm.orchestration.study import run_study
 
     summaries = {key: run_study(study, storage_path) for key, study in cfg.studies.items()}
     rows = {k: s["rows"] for k, s in summaries.items()}

@@ -23,8 +23,8 @@ from scaling import print_table, shared_sample
 
 from claims import ClaimsConfig, plan_power, run_claims
 from ternarylm.config import ConfigError, load_yaml
-from ternarylm.errors import UserError
-from ternarylm.study import trial_table
+from ternarylm.core.errors import UserError
+from ternarylm.orchestration.study import trial_table
 from ternarylm.tracking import quiet_mlflow
 
 CONFIGS = Path(__file__).resolve().parent / "configs"

@@ -19,8 +19,8 @@ from pathlib import Path
 import ray
 
 from ternarylm.cli import OneLineParser, exit_status
-from ternarylm.errors import UserError
-from ternarylm.study import StudyConfig, run_study, trial_table
+from ternarylm.core.errors import UserError
+from ternarylm.orchestration.study import StudyConfig, run_study, trial_table
 from ternarylm.tracking import quiet_mlflow
 
 CONFIGS = Path(__file__).resolve().parent / "configs"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ternarylm.cluster import free_port, stop_session
+from ternarylm.training.cluster import free_port, stop_session
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared" / "data"))

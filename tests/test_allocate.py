@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ternarylm.allocate import AllocateError, allocate, choose_blocks, loss_scores, write_plan
-from ternarylm.artifacts import load_trained, save_trained
+from ternarylm.orchestration.allocate import AllocateError, allocate, choose_blocks, loss_scores, write_plan
+from ternarylm.deploy.artifacts import load_trained, save_trained
 from ternarylm.cli import main
 from ternarylm.config import TrialConfig
 from ternarylm.data import prepare_data
-from ternarylm.model import TernaryLM
-from ternarylm.plans import PrecisionPlan, apply_plan
-from ternarylm.quantizers import format_bits
+from ternarylm.model.transformer import TernaryLM
+from ternarylm.model.plans import PrecisionPlan, apply_plan
+from ternarylm.model.quantizers import format_bits
 
 TOKENS = 4096  # validation tokens per evaluation: enough to rank 4 blocks, fast on a CPU
 

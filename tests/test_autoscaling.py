@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ternarylm.cluster import session_processes, stop_session
+from ternarylm.training.cluster import session_processes, stop_session
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "local_autoscaling.py"
@@ -143,7 +143,7 @@ def test_trial_resumes_after_losing_a_node(tmp_path, tinystories):
 
 
 def test_wait_line_says_what_trials_wait_for():
-    from ternarylm.cluster import describe_wait
+    from ternarylm.training.cluster import describe_wait
 
     free = {"CPU": 0.0, "trial_driver": 999.98}
     assert describe_wait([[{"CPU": 1.0}], [{"CPU": 1.0}]], free) == (

@@ -16,9 +16,9 @@ from scipy import stats
 
 import claims  # studies/claims.py: the study's own module (pytest's pythonpath has studies/)
 from claims import CLAIMS, ClaimsConfig, Footprint, GlueEvidence, Scale
-from ternarylm import verdicts
-from ternarylm.verdicts import CANNOT_TELL, CONTRADICTS, SUPPORTS
-from ternarylm.errors import UserError
+from ternarylm.analysis import verdicts
+from ternarylm.analysis.verdicts import CANNOT_TELL, CONTRADICTS, SUPPORTS
+from ternarylm.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "studies" / "configs"
@@ -449,11 +449,11 @@ SHARED_GLUE = Path(__import__("os").environ.get("TERNARYLM_SHARED_DATA",
 def trained_dir(root: Path, plan: str) -> Path:
     import torch
 
-    from ternarylm.artifacts import save_trained
+    from ternarylm.deploy.artifacts import save_trained
     from ternarylm.config import TrialConfig
     from ternarylm.data import build_tokenizer, eos_id
-    from ternarylm.model import TernaryLM
-    from ternarylm.plans import apply_plan
+    from ternarylm.model.transformer import TernaryLM
+    from ternarylm.model.plans import apply_plan
 
     tok = build_tokenizer("char", [])
     trial = TrialConfig(size="pico", seq_len=64, plan=plan, scheme="learned",

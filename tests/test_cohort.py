@@ -23,12 +23,12 @@ import torch.nn.functional as F
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ternarylm.cohort import form_cohorts
+from ternarylm.training.cohort import form_cohorts
 from ternarylm.config import TrialConfig
 from ternarylm.data import WindowSampler, eval_batches, prepare_data
-from ternarylm.member_optim import MemberAdamW
-from ternarylm.stacked import StackedLM, member_batches, member_losses
-from ternarylm.train import build_engine, build_model
+from ternarylm.training.member_optim import MemberAdamW
+from ternarylm.training.stacked import StackedLM, member_batches, member_losses
+from ternarylm.training.train import build_engine, build_model
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # after the stdlib
 from train_step import init_single_process_group  # noqa: E402
@@ -220,7 +220,7 @@ def test_cohort_members_match_their_solo_trials(tmp_path, tinystories, ray_head,
         a, b = run.data.metrics["final/val/loss"], alone.data.metrics["final/val/loss"]
         print(f"{run.info.run_name}: cohort {a:.6f} solo {b:.6f} rel {abs(a - b) / b:.2e}")
         assert abs(a - b) / b < 2e-3, run.info.run_name
-    from ternarylm.packing import pack
+    from ternarylm.deploy.packing import pack
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uris["cohort"])
     for key in members:
@@ -297,7 +297,7 @@ def test_killed_cohort_worker_resumes_every_member(tmp_path, tinystories, ray_he
 
 DIVERGING_COHORT = """
 import json, sys
-from ternarylm.cohort import run_cohort
+from ternarylm.training.cohort import run_cohort
 from ternarylm.config import TrialConfig
 base = json.loads(sys.argv[1])
 nan = {**base, "seed": 1, "train": {**base["train"], "inject_nan_at_step": 3}}

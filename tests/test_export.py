@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from conftest import write_tasks
-from ternarylm.artifacts import save_trained
+from ternarylm.deploy.artifacts import save_trained
 from ternarylm.cli import main
 from ternarylm.config import TrialConfig
 from ternarylm.data import build_tokenizer, eos_id
-from ternarylm.model import ModelConfig, TernaryLM, apply_rope, rope_tables
-from ternarylm.plans import apply_plan
-from ternarylm.quantizers import QuantEmbedding, QuantLinear
+from ternarylm.model.transformer import ModelConfig, TernaryLM, apply_rope, rope_tables
+from ternarylm.model.plans import apply_plan
+from ternarylm.model.quantizers import QuantEmbedding, QuantLinear
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -170,7 +170,7 @@ def test_hf_export_needs_no_qk_permutation(trained, request, tmp_path, tokenizer
     than the int8 tie bound, but at nearly every position: its agreement check fails."""
     from transformers import AutoModelForCausalLM
 
-    from ternarylm.export import export_hf, permute_rope
+    from ternarylm.deploy.export import export_hf, permute_rope
 
     model, directory = request.getfixturevalue(trained)
     export_hf(str(directory), tmp_path / "hf")
@@ -188,7 +188,7 @@ def test_hf_export_needs_no_qk_permutation(trained, request, tmp_path, tokenizer
 
 
 def test_hf_model_card_and_activation_caveat(tmp_path, tokenizer, corpus):
-    from ternarylm.export import export_hf
+    from ternarylm.deploy.export import export_hf
 
     _, directory = trained_dir(tmp_path / "model", tokenizer, corpus, "absmean", "all_ternary",
                                steps=2)
@@ -237,7 +237,7 @@ def assert_bitnet_layers(model: TernaryLM, hf) -> None:
     and scale; every float layer is a plain nn.Linear holding our weight."""
     from transformers.integrations.bitnet import AutoBitLinear
 
-    from ternarylm.plans import convert
+    from ternarylm.model.plans import convert
 
     for name, layer in convert(model).items():
         key = layer.spec.hf_name.removesuffix(".weight")
@@ -313,7 +313,7 @@ def test_bitnet_export_runs_our_activation_quantization_in_transformers(
 def test_bitnet_export_of_a_float_model_needs_no_quantization(tmp_path, tokenizer, corpus):
     from transformers import AutoModelForCausalLM
 
-    from ternarylm.export import export_hf
+    from ternarylm.deploy.export import export_hf
 
     model, directory = trained_dir(tmp_path / "model", tokenizer, corpus, "absmean", "fp",
                                    steps=2, block="bitnet")
@@ -373,8 +373,8 @@ def gguf_tensors(reader) -> dict[str, tuple[str, np.ndarray]]:
 def test_gguf_stores_codes_times_fp16_scale(qtype, small, tmp_path, tokenizer, corpus, capfd):
     import gguf
 
-    from ternarylm.export import permute_rope
-    from ternarylm.plans import convert
+    from ternarylm.deploy.export import permute_rope
+    from ternarylm.model.plans import convert
 
     model, directory = small
     out = tmp_path / "model.gguf"
@@ -476,7 +476,7 @@ def test_gguf_runs_as_llama_cpp_would(tie_head, pad_ffn, small, tmp_path, tokeni
     only with llama.cpp's q/k permutation: without it, RoPE pairs the wrong dimensions."""
     import gguf
 
-    from ternarylm.export import export_gguf
+    from ternarylm.deploy.export import export_gguf
 
     if tie_head:
         model, directory = trained_dir(tmp_path / "model", tokenizer, corpus, tie_head=True)
@@ -521,7 +521,7 @@ def test_gguf_runs_as_llama_cpp_would(tie_head, pad_ffn, small, tmp_path, tokeni
 def test_gguf_float_types(float_type, small, tmp_path):
     import gguf
 
-    from ternarylm.export import export_gguf
+    from ternarylm.deploy.export import export_gguf
 
     # A q8_0 fallback does not apply: a float type stores every matrix in that type.
     result = export_gguf(str(small[1]), tmp_path / "m.gguf", float_type, fallback="q8_0")
@@ -550,7 +550,7 @@ def wordpiece_tokenizer():
 
 
 def test_gguf_vocab_pads_rows_beyond_the_tokenizer(tokenizer):
-    from ternarylm.export import gguf_vocab
+    from ternarylm.deploy.export import gguf_vocab
 
     n = tokenizer.get_vocab_size()
     tokens, types, merges = gguf_vocab(tokenizer, n + 3)
@@ -596,7 +596,7 @@ def our_logprob(forward, ids: list[int], n_cont: int) -> tuple[float, bool]:
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_harness_loglikelihoods_are_our_log_probs(packed, small, tokenizer, corpus):
-    from ternarylm.harness import TernaryHarnessLM, load_eval_model
+    from ternarylm.evaluation.harness import TernaryHarnessLM, load_eval_model
 
     model, directory = small
     lm = TernaryHarnessLM(model=load_eval_model(str(directory), packed=packed), batch_size=3)
@@ -636,7 +636,7 @@ def test_harness_loglikelihoods_are_our_log_probs(packed, small, tokenizer, corp
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_harness_generate_until_is_greedy_and_stops(packed, small, tokenizer):
-    from ternarylm.harness import TernaryHarnessLM, load_eval_model
+    from ternarylm.evaluation.harness import TernaryHarnessLM, load_eval_model
 
     model, directory = small
     lm = TernaryHarnessLM(model=load_eval_model(str(directory), packed=packed))
@@ -652,7 +652,7 @@ def test_harness_generate_until_is_greedy_and_stops(packed, small, tokenizer):
 
 
 def test_eval_local_jsonl_tasks_through_simple_evaluate(small, tmp_path, corpus, capsys):
-    from ternarylm.packing import pack
+    from ternarylm.deploy.packing import pack
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -678,10 +678,10 @@ def test_eval_local_jsonl_tasks_through_simple_evaluate(small, tmp_path, corpus,
 def test_run_sources_eval_child_run_and_model_card(small, tmp_path, corpus, mlflow_uri):
     """From a run id: eval results become its child run; the HF model card shows its metrics."""
     from ternarylm import tracking
-    from ternarylm.artifacts import ARTIFACT_PATH
-    from ternarylm.export import export_hf
-    from ternarylm.harness import evaluate
-    from ternarylm.packing import pack
+    from ternarylm.deploy.artifacts import ARTIFACT_PATH
+    from ternarylm.deploy.export import export_hf
+    from ternarylm.evaluation.harness import evaluate
+    from ternarylm.deploy.packing import pack
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ternarylm import fit as fit_module
+from ternarylm.analysis import fit as fit_module
 from ternarylm.cli import main
-from ternarylm.fit import (
+from ternarylm.analysis.fit import (
     FitError,
     ScalingFit,
     compare_to_baseline,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from ternarylm.cli import main
-from ternarylm.fit import BytesRelation, FitError, fit_precision_csv, fit_precision_law
-from ternarylm.frontier import (
+from ternarylm.analysis.fit import BytesRelation, FitError, fit_precision_csv, fit_precision_law
+from ternarylm.analysis.frontier import (
     common_budgets,
     frontier_points,
     precision_law_report,

@@ -1,4 +1,4 @@
-"""GLUE fine-tuning (ternarylm.glue) on the real GLUE files in shared/data.
+"""GLUE fine-tuning (ternarylm.evaluation.glue) on the real GLUE files in shared/data.
 
 The data directory comes from $TERNARYLM_SHARED_DATA, default <repo>/../shared/data; the GLUE
 TSVs are in its glue/ folder. The pretrained model is a randomly initialised tiny all-ternary
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from ternarylm import glue
-from ternarylm.artifacts import ARTIFACT_PATH, load_trained, save_trained
+from ternarylm.evaluation import glue
+from ternarylm.deploy.artifacts import ARTIFACT_PATH, load_trained, save_trained
 from ternarylm.config import TrialConfig
 from ternarylm.data import DataError, build_tokenizer, eos_id
-from ternarylm.glue import GlueData, GlueDataError, GlueError, GlueSettings
-from ternarylm.model import TernaryLM
-from ternarylm.plans import apply_plan, convert
-from ternarylm.quantizers import QuantLinear
+from ternarylm.evaluation.glue import GlueData, GlueDataError, GlueError, GlueSettings
+from ternarylm.model.transformer import TernaryLM
+from ternarylm.model.plans import apply_plan, convert
+from ternarylm.model.quantizers import QuantLinear
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TERNARYLM_SHARED_DATA", REPO.parent / "shared" / "data"))

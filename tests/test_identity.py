@@ -7,9 +7,11 @@ import dataclasses
 
 import pytest
 
-from ternarylm import identity, tracking
+from ternarylm.core import identity
+
+from ternarylm import tracking
 from ternarylm.config import TrainConfig, TrialConfig
-from ternarylm.trial import open_run
+from ternarylm.training.trial import open_run
 
 YAML = {"size": "pico", "seq_len": 32, "train": {"steps": 10, "warmup_steps": 1}}
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ternarylm.allocate import block_linears
-from ternarylm.analysis import layer_stats
+from ternarylm.orchestration.allocate import block_linears
+from ternarylm.model.stats import layer_stats
 from ternarylm.data import build_tokenizer, eos_id
-from ternarylm.export import hf_state_dict
-from ternarylm.inference import PackedLM, load_packed
-from ternarylm.model import BLOCKS, ROLES, BlockSpec, ModelConfig, RMSNorm, TernaryLM, relu_squared
-from ternarylm.packing import CONFIG_KEY, pack_model, pack_tensors, packed_contents
-from ternarylm.plans import PrecisionPlan, apply_plan, convert, preset
-from ternarylm.quantizers import FP
+from ternarylm.deploy.export import hf_state_dict
+from ternarylm.deploy.inference import PackedLM, load_packed
+from ternarylm.model.transformer import BLOCKS, ROLES, BlockSpec, ModelConfig, RMSNorm, TernaryLM, relu_squared
+from ternarylm.deploy.packing import CONFIG_KEY, pack_model, pack_tensors, packed_contents
+from ternarylm.model.plans import PrecisionPlan, apply_plan, convert, preset
+from ternarylm.model.quantizers import FP
 
 
 def small(block: str = "llama", tie_head: bool = False, n_layers: int = 2) -> ModelConfig:

@@ -17,10 +17,10 @@ from mlflow.tracking import MlflowClient
 
 from ternarylm import tracking
 from ternarylm.config import ConfigError
-from ternarylm.lr_search import SEARCH_TAG, LRSearchConfig, choose, search_trials
-from ternarylm.study import (StudyConfig, end_stopped_early, pending_search_trials,
+from ternarylm.orchestration.lr_search import SEARCH_TAG, LRSearchConfig, choose, search_trials
+from ternarylm.orchestration.study import (StudyConfig, end_stopped_early, pending_search_trials,
                              trial_table)
-from ternarylm.trial import open_run
+from ternarylm.training.trial import open_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from ternarylm.model import (
+from ternarylm.model.transformer import (
     SIZES,
     ModelConfig,
     ModelConfigError,
     TernaryLM,
     model_config,
 )
-from ternarylm.plans import PrecisionPlan, apply_plan, preset
-from ternarylm.quantizers import TERNARY_SCHEMES
+from ternarylm.model.plans import PrecisionPlan, apply_plan, preset
+from ternarylm.model.quantizers import TERNARY_SCHEMES
 
 SHARED_DATA = Path(os.environ.get("TERNARYLM_SHARED_DATA",
                                   Path(__file__).resolve().parents[1].parent / "shared" / "data"))

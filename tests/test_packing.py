@@ -15,18 +15,18 @@ import subprocess
 import pytest
 import torch
 
-from ternarylm.artifacts import save_trained
+from ternarylm.deploy.artifacts import save_trained
 from ternarylm.cli import main
 from ternarylm.config import TrialConfig
 from ternarylm.data import build_tokenizer, eos_id
-from ternarylm.generate import generate, sample_next
-from ternarylm.model import TernaryLM
-from ternarylm import cpu_kernels
-from ternarylm.inference import Int8Linear, KernelLinear, PackedLM, load_packed, quantize_tokens
-from ternarylm.packing import (CONFIG_KEY, PACKED_ARTIFACT_PATH, PACKINGS, PackError, pack,
+from ternarylm.deploy.generate import generate, sample_next
+from ternarylm.model.transformer import TernaryLM
+from ternarylm.kernels import cpu
+from ternarylm.deploy.inference import Int8Linear, KernelLinear, PackedLM, load_packed, quantize_tokens
+from ternarylm.deploy.packing import (CONFIG_KEY, PACKED_ARTIFACT_PATH, PACKINGS, PackError, pack,
                                pack_codes, pack_model, read_packed, unpack_codes, unpack_weight)
-from ternarylm.plans import apply_plan
-from ternarylm.quantizers import QuantEmbedding, QuantLinear, quantize_activations
+from ternarylm.model.plans import apply_plan
+from ternarylm.model.quantizers import QuantEmbedding, QuantLinear, quantize_activations
 
 TOKENIZER = build_tokenizer("char", [])
 EOS = eos_id(TOKENIZER)
@@ -171,7 +171,7 @@ def test_round_trip_codes_scales_and_logits(case, tmp_path):
     check_codes_and_scales(model, path)
     packed = load_packed(path).model
     check_layers_on_identical_inputs(model, packed)
-    if cpu_kernels.supports(cpu_kernels.TERNARY) and plan == "all_ternary":
+    if cpu.supports(cpu.TERNARY) and plan == "all_ternary":
         assert isinstance(packed.blocks[0].qkv, KernelLinear)
     idx = tokens()
     with torch.no_grad():  # torch's int8 matmul gives the kernels' results bit for bit
@@ -186,20 +186,20 @@ def test_round_trip_codes_scales_and_logits(case, tmp_path):
 
 
 KERNEL_CASES = {  # (format, cpu level): every kernel
-    "ternary-avx2": (cpu_kernels.TERNARY, cpu_kernels.AVX2),
-    "ternary-avx512": (cpu_kernels.TERNARY, cpu_kernels.AVX512_VNNI),
-    "int8-avx512": (cpu_kernels.INT8, cpu_kernels.AVX512_VNNI),
+    "ternary-avx2": (cpu.TERNARY, cpu.AVX2),
+    "ternary-avx512": (cpu.TERNARY, cpu.AVX512_VNNI),
+    "int8-avx512": (cpu.INT8, cpu.AVX512_VNNI),
 }
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES.values(), ids=KERNEL_CASES.keys())
 def test_cpu_kernels_equal_torch_int8_matmul(case, monkeypatch):
     fmt, level = case
-    if not cpu_kernels.supports(fmt) or cpu_kernels._library()[1] < level:
+    if not cpu.supports(fmt) or cpu._library()[1] < level:
         pytest.skip("no C compiler, or this CPU lacks the instructions")
-    lib = cpu_kernels._library()[0]
-    monkeypatch.setattr(cpu_kernels, "_library", lambda: (lib, level))
-    qmax = 1 if fmt == cpu_kernels.TERNARY else 127
+    lib = cpu._library()[0]
+    monkeypatch.setattr(cpu, "_library", lambda: (lib, level))
+    qmax = 1 if fmt == cpu.TERNARY else 127
     g = torch.Generator().manual_seed(0)
     # K below, at and across multiples of the padding block; several tokens; 2..8 bits.
     for n, k, m, bits in [(5, 300, 1, 8), (768, 768, 1, 8), (96, 2050, 3, 8), (64, 64, 7, 4),
@@ -217,8 +217,8 @@ def test_kernel_source_compiles_without_warnings(tmp_path):
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         pytest.skip("no C compiler")
-    built = subprocess.run([cc, *cpu_kernels.FLAGS, "-Wall", "-Wextra", "-Werror",
-                            str(cpu_kernels.SOURCE_PATH), "-o", str(tmp_path / "k.so"), "-lm"],
+    built = subprocess.run([cc, *cpu.FLAGS, "-Wall", "-Wextra", "-Werror",
+                            str(cpu.SOURCE_PATH), "-o", str(tmp_path / "k.so"), "-lm"],
                            capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
 
@@ -306,10 +306,10 @@ def test_kv_cache_decoding_matches_full_forward(tiny_packed):
 
 @pytest.mark.parametrize("block", ["llama", "bitnet"])
 def test_one_token_decode_in_c_matches_the_torch_block(block, tmp_path):
-    """Batch-1 decoding runs each block in one C call (`cpu_kernels.DecodeBlock`): its logits
+    """Batch-1 decoding runs each block in one C call (`cpu.DecodeBlock`): its logits
     are the torch block's up to float rounding, with 8-bit activations (SwiGLU, or BitNet's
     ReLU^2 and sub-norms)."""
-    if not cpu_kernels.supports(cpu_kernels.TERNARY):
+    if not cpu.supports(cpu.TERNARY):
         pytest.skip("no C compiler, or this CPU lacks AVX2")
     _, path = packed_trained(tmp_path, "absmean", "all_ternary", block=block)
     packed = load_packed(path).model
@@ -394,7 +394,7 @@ def test_cli_pack_and_generate(tmp_path, capsys):
 
 def test_pack_run_id_logs_the_file_to_the_run(mlflow_uri, tmp_path):
     from ternarylm import tracking
-    from ternarylm.artifacts import ARTIFACT_PATH
+    from ternarylm.deploy.artifacts import ARTIFACT_PATH
 
     model, trial, formats = train_tiny("absmean", "all_ternary")
     directory = save_trained(tmp_path / "model", model, trial, formats, TOKENIZER, EOS)

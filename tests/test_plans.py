@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 import torch.nn as nn
-from ternarylm.model import LayerSpec, ModelConfig, TernaryLM
-from ternarylm.plans import PRESETS, PlanError, PrecisionPlan, apply_plan, preset
-from ternarylm.quantizers import TERNARY_SCHEMES, QuantEmbedding, QuantLinear
+from ternarylm.model.transformer import LayerSpec, ModelConfig, TernaryLM
+from ternarylm.model.plans import PRESETS, PlanError, PrecisionPlan, apply_plan, preset
+from ternarylm.model.quantizers import TERNARY_SCHEMES, QuantEmbedding, QuantLinear
 
 ATTN = ("q", "k", "v", "o")
 MLP = ("gate", "up", "down")

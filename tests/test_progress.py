@@ -2,7 +2,7 @@
 
 import pytest
 
-from ternarylm.progress import StudyClock
+from ternarylm.orchestration.progress import StudyClock
 
 
 def test_counts_and_no_estimate_before_a_trial_ends():

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import ternarylm.recipes
-import ternarylm.study
-from ternarylm.plans import PrecisionPlan
-from ternarylm.recipes import RECIPES
-from ternarylm.study import StudyConfig
+import ternarylm.model.recipes
+import ternarylm.orchestration.study
+from ternarylm.model.plans import PrecisionPlan
+from ternarylm.model.recipes import RECIPES
+from ternarylm.orchestration.study import StudyConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "quality_gap.py"
@@ -44,8 +44,8 @@ def test_default_rows_are_every_recipe_and_plain_absmean():
     assert qg.DEFAULT_RECIPES == ALL
     assert qg.parse_recipes(" fp, absmean ,paretoq") == ["fp", "absmean", "paretoq"]
     # The study's own merge and recipe overrides, not copies of them.
-    assert qg.merge is ternarylm.study.merge
-    assert qg.recipe_overrides is ternarylm.recipes.recipe_overrides
+    assert qg.merge is ternarylm.orchestration.study.merge
+    assert qg.recipe_overrides is ternarylm.model.recipes.recipe_overrides
 
 
 def test_every_trial_has_the_baby_gpt_shape_and_budget(trials):
@@ -136,7 +136,7 @@ def test_bad_input_is_one_line_and_status_2(argv, message, corpus, capsys, monke
     def never(*a, **k):
         raise AssertionError("a trial ran on bad input")
 
-    monkeypatch.setattr("ternarylm.trial.run_trial", never)
+    monkeypatch.setattr("ternarylm.training.trial.run_trial", never)
     if "--data" not in argv:
         argv = [*argv, "--data", str(corpus)]
     assert qg.main(argv) == 2

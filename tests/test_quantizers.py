@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ternarylm import cpu_kernels
-from ternarylm.quantizers import (
+from ternarylm.kernels import cpu
+from ternarylm.model.quantizers import (
     EPS,
     FORMATS,
     FP,
@@ -416,7 +416,7 @@ def test_activation_quant_is_straight_through():
     close(x.grad, upstream, tol=0)
 
 
-@pytest.mark.skipif(not cpu_kernels.supports(cpu_kernels.TERNARY),
+@pytest.mark.skipif(not cpu.supports(cpu.TERNARY),
                     reason="the C kernels need a compiler and an AVX2 CPU")
 @pytest.mark.parametrize("magnitude", [1e-7, 1e-2, 1.0, 300.0])
 def test_c_fake_quantization_is_torchs_bit_for_bit(magnitude):
@@ -432,11 +432,11 @@ def test_c_fake_quantization_is_torchs_bit_for_bit(magnitude):
     assert int(((ties / step == k) & (ties * (1 / step) != ties / step)).sum()) >= 3
     x[0, 0] = torch.cat([ties, absmax.view(1)])
     codes, scale = activation_codes(x, 8)
-    assert torch.equal(cpu_kernels.fake_quantize_activations(x, 8), codes * scale)
+    assert torch.equal(cpu.fake_quantize_activations(x, 8), codes * scale)
     codes4, scale4 = activation_codes(x, 4)
     assert torch.equal(fake_quantized_activations(x, 4), codes4 * scale4)
     w = x.reshape(35, 43)
-    gamma = cpu_kernels.abs_mean(w)  # summed in double: torch's float mean may differ by an ulp
+    gamma = cpu.abs_mean(w)  # summed in double: torch's float mean may differ by an ulp
     assert torch.allclose(gamma, w.abs().mean(), rtol=1e-6, atol=0)
     torch_w_hat = (w / (gamma + EPS)).round().clamp(-1, 1) * gamma
     assert torch.equal(AbsMean().dequantized(w), torch_w_hat)
@@ -444,14 +444,14 @@ def test_c_fake_quantization_is_torchs_bit_for_bit(magnitude):
     assert torch.equal(AbsMean().dequantized(w), q.codes.float() * q.scale)
 
 
-@pytest.mark.skipif(not cpu_kernels.supports(cpu_kernels.TERNARY),
+@pytest.mark.skipif(not cpu.supports(cpu.TERNARY),
                     reason="the C kernels need a compiler and an AVX2 CPU")
 def test_c_fake_quantization_propagates_nan_as_torch_does():
     x = torch.randn(3, 20)
     x[1, 4] = float("nan")
     x[2, 17] = float("inf")
     codes, scale = activation_codes(x, 8)
-    expected, got = codes * scale, cpu_kernels.fake_quantize_activations(x, 8)
+    expected, got = codes * scale, cpu.fake_quantize_activations(x, 8)
     assert torch.equal(expected.isnan(), got.isnan()) and bool(got[1].isnan().all())
     assert torch.equal(expected.nan_to_num(), got.nan_to_num())
 

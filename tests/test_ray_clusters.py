@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import start_ray_head, stop_ray_head
-from ternarylm.cluster import free_port, session_processes
+from ternarylm.training.cluster import free_port, session_processes
 from test_trial import only_run, trial_config, wait_for_step
 
 pytestmark = pytest.mark.slow

@@ -12,17 +12,17 @@ import pytest
 import torch
 import torch.nn as nn
 from ternarylm.config import ConfigError, TrainConfig, TrialConfig
-from ternarylm.model import BLOCKS, ModelConfig, TernaryLM, model_config
-from ternarylm.optim import (
+from ternarylm.model.transformer import BLOCKS, ModelConfig, TernaryLM, model_config
+from ternarylm.training.optim import (
     TrainSchedule,
     linear_warmup_decay,
     lr_factor,
     param_groups,
     weight_decay_at,
 )
-from ternarylm.plans import PrecisionPlan, apply_plan
-from ternarylm.quantizers import TERNARY_SCHEMES
-from ternarylm.recipes import RECIPES, RecipeError, recipe, recipe_overrides
+from ternarylm.model.plans import PrecisionPlan, apply_plan
+from ternarylm.model.quantizers import TERNARY_SCHEMES
+from ternarylm.model.recipes import RECIPES, RecipeError, recipe, recipe_overrides
 
 # --- the BitNet block against transformers -----------------------------------------------------
 
@@ -96,7 +96,7 @@ def test_bitnet_block_computes_what_transformers_computes():
 
 
 def test_unknown_block_is_refused():
-    from ternarylm.model import ModelConfigError
+    from ternarylm.model.transformer import ModelConfigError
 
     with pytest.raises(ModelConfigError, match="unknown block 'gpt2'; choose one of llama, bitnet"):
         ModelConfig(block="gpt2")
@@ -340,8 +340,8 @@ def test_tiny_model_of_each_recipe_trains(text, one_torch_thread, name):
 def test_a_packed_bitnet_model_computes_what_training_computes(tmp_path, one_torch_thread,
                                                                activation_bits):
     from ternarylm.data import build_tokenizer, eos_id
-    from ternarylm.inference import load_packed
-    from ternarylm.packing import pack_model
+    from ternarylm.deploy.inference import load_packed
+    from ternarylm.deploy.packing import pack_model
 
     tokenizer = build_tokenizer("char", [])
     torch.manual_seed(0)
@@ -367,7 +367,7 @@ def test_a_packed_bitnet_model_computes_what_training_computes(tmp_path, one_tor
 
 
 def test_results_table_names_each_rows_recipe_in_a_recipe_study():
-    from ternarylm.results import markdown_table
+    from ternarylm.orchestration.results import markdown_table
 
     cols = ("size", "scheme", "plan", "seed", "lr", "N", "D", "status", "val_loss", "val_ppl",
             "val_bpb", "train_val_ratio", "sparsity", "packed_bytes")

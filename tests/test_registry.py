@@ -13,10 +13,10 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-from ternarylm import metrics as M
+from ternarylm.core import metrics as M
 from ternarylm import tracking
-from ternarylm.registry import register_study
-from ternarylm.study import STUDY_TAG
+from ternarylm.orchestration.registry import register_study
+from ternarylm.orchestration.study import STUDY_TAG
 
 
 def make_study(uri: str, study: str, status: str = "FINISHED") -> str:

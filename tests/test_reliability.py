@@ -20,10 +20,10 @@ from mlflow.tracking import MlflowClient
 from ternarylm import tracking
 from ternarylm.config import TrialConfig, load_yaml
 from ternarylm.data import DataConfig, WindowSampler, prepare_data
-from ternarylm.errors import UserError
-from ternarylm.model import SIZES, ModelConfig
-from ternarylm.plans import PRESETS
-from ternarylm.study import StudyConfig
+from ternarylm.core.errors import UserError
+from ternarylm.model.transformer import SIZES, ModelConfig
+from ternarylm.model.plans import PRESETS
+from ternarylm.orchestration.study import StudyConfig
 
 from test_study import study_yaml
 from test_trial import only_run, train_env, trial_config, wait_for_step
@@ -467,7 +467,7 @@ def test_a_deleted_run_of_a_half_finished_trial_is_said_and_trained_again(tmp_pa
                                                                           capsys):
     """The trial's unfinished run was deleted in MLflow: opening the trial again says so in one
     line and starts a new run (on main's code: a new run, silently)."""
-    from ternarylm.trial import open_run
+    from ternarylm.training.trial import open_run
 
     cfg = TrialConfig.from_dict(with_(TRIAL, data__source=str(tmp_path / "corpus.txt")))
     first, _ = open_run(cfg, mlflow_uri, None)
@@ -484,8 +484,8 @@ def test_a_study_says_what_its_trials_met_where_the_user_reads(tmp_path, mlflow_
     """The notes a study prints for its trials (their own lines go to their actors' logs): a
     trial whose run was deleted trains again; a trial whose newest checkpoint was quarantined
     names it. A trial with neither gets no note."""
-    from ternarylm.train import QUARANTINED_TAG
-    from ternarylm.trial import deleted_run_note, open_run, quarantine_note
+    from ternarylm.training.train import QUARANTINED_TAG
+    from ternarylm.training.trial import deleted_run_note, open_run, quarantine_note
 
     plain = TrialConfig.from_dict(with_(TRIAL, data__source=str(tmp_path / "corpus.txt")))
     other = TrialConfig.from_dict(with_(TRIAL, data__source=str(tmp_path / "corpus.txt"), seed=7))

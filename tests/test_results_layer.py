@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ternarylm import metrics as M
+from ternarylm.core import metrics as M
 from ternarylm import tracking
-from ternarylm.footprint import describe
-from ternarylm.artifacts import save_trained
+from ternarylm.deploy.footprint import describe
+from ternarylm.deploy.artifacts import save_trained
 from ternarylm.config import RUN_ONLY, TrainConfig, TrialConfig
 from ternarylm.data import DataConfig, build_tokenizer, eos_id, prepare_data
-from ternarylm.model import TernaryLM, model_config
-from ternarylm.packing import pack, pack_model, packed_contents, packed_size, provenance
-from ternarylm.plans import PRESETS, apply_plan
-from ternarylm.study import StudyConfig, trial_table
+from ternarylm.model.transformer import TernaryLM, model_config
+from ternarylm.deploy.packing import pack, pack_model, packed_contents, packed_size, provenance
+from ternarylm.model.plans import PRESETS, apply_plan
+from ternarylm.orchestration.study import StudyConfig, trial_table
 
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "ternarylm"
 
@@ -203,7 +203,7 @@ def test_a_resumed_run_loses_the_reason_it_ended_before(tmp_path):
 
 
 def test_time_line_covers_only_trials_trained_in_this_launch():
-    from ternarylm.results import time_line
+    from ternarylm.orchestration.results import time_line
 
     rows = [{"name": "a", "trial_wall_s": 30.0, "train_loop_s": 10.0, "outside_loop_s": 20.0},
             {"name": "b", "trial_wall_s": 90.0, "train_loop_s": 50.0, "outside_loop_s": 40.0},

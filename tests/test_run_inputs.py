@@ -7,7 +7,7 @@ import threading
 
 from mlflow.tracking import MlflowClient
 
-from ternarylm import run_inputs
+from ternarylm.training import run_inputs
 from ternarylm.data import DataConfig, prepare_data
 
 TRIALS = 4

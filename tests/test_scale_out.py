@@ -13,8 +13,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ternarylm import metrics as M
-from ternarylm.model import model_config
+from ternarylm.core import metrics as M
+from ternarylm.model.transformer import model_config
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from ternarylm import tracking
 from ternarylm.data import DataConfig, prepare_data
-from ternarylm.errors import UserError
-from ternarylm.logged_model import find_model
-from ternarylm.study import StudyConfig, _reuses_actors, trial_table
+from ternarylm.core.errors import UserError
+from ternarylm.training.logged_model import find_model
+from ternarylm.orchestration.study import StudyConfig, _reuses_actors, trial_table
 
 REPO = Path(__file__).resolve().parents[1]
 SCALING = REPO / "studies" / "scaling.py"
@@ -179,7 +179,7 @@ def test_rerun_trains_only_new_cells(tmp_path, tinystories, ray_head, mlflow_ser
                 ["Once upon a time"], params={"max_new_tokens": 8, "seed": 0})
         assert len(text) == 1 and text[0].startswith("Once upon a time") and len(text[0]) > 16
     # Registration: one version per cell, and a rerun registers nothing again.
-    from ternarylm.registry import register_study
+    from ternarylm.orchestration.registry import register_study
     name = yaml.safe_load(config.read_text())["name"]
     first_reg = register_study(name, uri=uri)
     assert sorted(v["new"] for v in first_reg["versions"]) == [True, True]

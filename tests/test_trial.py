@@ -15,10 +15,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ternarylm import metrics as M
+from ternarylm.core import metrics as M
 from ternarylm.config import TrialConfig
-from ternarylm.study import trial_vocab
-from ternarylm.train import ZERO_STAGE_TAG, deepspeed_config, zero_stage
+from ternarylm.orchestration.study import trial_vocab
+from ternarylm.training.train import ZERO_STAGE_TAG, deepspeed_config, zero_stage
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +99,7 @@ def test_two_worker_trial_logs_every_metric(tmp_path, tinystories, ray_head, mlf
     assert len({d.digest for d in inputs.values()}) == 1 and inputs["train"].digest
     assert run.data.tags["mlflow.source.name"] and "mlflow.source.git.dirty" in run.data.tags
     import mlflow
-    from ternarylm.logged_model import find_model
+    from ternarylm.training.logged_model import find_model
     model = find_model(mlflow_uri, run.info.run_id)
     mlflow.set_tracking_uri(mlflow_uri)
     text = mlflow.pyfunc.load_model(f"models:/{model.model_id}").predict(
@@ -191,7 +191,7 @@ sys.path.append(sys.argv[1])  # benchmarks/, for train_step's process-group help
 import torch
 from train_step import init_single_process_group
 from ternarylm.config import TrialConfig
-from ternarylm.train import build_engine
+from ternarylm.training.train import build_engine
 init_single_process_group()
 engine, _ = build_engine(TrialConfig(size="pico", plan="fp"), 64, torch.device("cpu"), False)
 from deepspeed.comm import comm

@@ -11,17 +11,17 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ternarylm.errors import Fault, Interrupted, UserError, one_line
-from ternarylm.plans import PRESETS
+from ternarylm.core.errors import Fault, Interrupted, UserError, one_line
+from ternarylm.model.plans import PRESETS
 
 if TYPE_CHECKING:
-    from ternarylm.fit import PrecisionLaw, ScalingFit
+    from ternarylm.analysis.fit import PrecisionLaw, ScalingFit
 
 
 def _describe(args: argparse.Namespace) -> None:
-    from ternarylm.footprint import describe
-    from ternarylm.model import model_config
-    from ternarylm.plans import preset
+    from ternarylm.deploy.footprint import describe
+    from ternarylm.model.transformer import model_config
+    from ternarylm.model.plans import preset
 
     overrides = {k: v for k, v in (("vocab_size", args.vocab), ("seq_len", args.seq_len))
                  if v is not None}
@@ -36,7 +36,7 @@ def _describe(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from ternarylm.config import TrialConfig
-    from ternarylm.trial import run_trial
+    from ternarylm.training.trial import run_trial
 
     import ray
 
@@ -60,7 +60,7 @@ def _intervals_line(fit: ScalingFit | PrecisionLaw) -> str:
 
 
 def _fit_joint(args: argparse.Namespace) -> None:
-    from ternarylm.fit import fit_precision_csv
+    from ternarylm.analysis.fit import fit_precision_csv
 
     law = fit_precision_csv(args.csv, reference=args.reference, n_boot=args.bootstrap,
                             seed=args.seed)
@@ -90,7 +90,7 @@ def _fit_joint(args: argparse.Namespace) -> None:
 
 
 def _fit(args: argparse.Namespace) -> None:
-    from ternarylm.fit import FitError, fit_csv
+    from ternarylm.analysis.fit import FitError, fit_csv
 
     if args.joint:
         return _fit_joint(args)
@@ -108,7 +108,7 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _allocate(args: argparse.Namespace) -> None:
-    from ternarylm.allocate import allocate, check_out_path, write_plan
+    from ternarylm.orchestration.allocate import allocate, check_out_path, write_plan
 
     if args.out:
         check_out_path(args.out)  # before minutes of measuring
@@ -120,7 +120,7 @@ def _allocate(args: argparse.Namespace) -> None:
 
 
 def _glue(args: argparse.Namespace) -> None:
-    from ternarylm.glue import GlueSettings, run_glue
+    from ternarylm.evaluation.glue import GlueSettings, run_glue
 
     settings = GlueSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                             pooling=args.pooling, max_train_examples=args.max_train_examples,
@@ -130,7 +130,7 @@ def _glue(args: argparse.Namespace) -> None:
 
 
 def _pack(args: argparse.Namespace) -> None:
-    from ternarylm.packing import pack
+    from ternarylm.deploy.packing import pack
 
     result = pack(args.source, args.out, embedding_dtype=args.embedding_dtype, trits=args.trits)
     print(json.dumps({"path": str(result.path), "bytes": result.bytes, "sha256": result.sha256,
@@ -138,8 +138,8 @@ def _pack(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from ternarylm.generate import generate_text
-    from ternarylm.inference import load_packed
+    from ternarylm.deploy.generate import generate_text
+    from ternarylm.deploy.inference import load_packed
 
     packed = load_packed(args.model)
     completion = generate_text(packed, args.prompt, args.max_new_tokens,
@@ -149,7 +149,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from ternarylm.export import export_gguf, export_hf
+    from ternarylm.deploy.export import export_gguf, export_hf
 
     if args.format == "hf":
         result = export_hf(args.source, args.out)
@@ -162,7 +162,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from ternarylm.harness import evaluate
+    from ternarylm.evaluation.harness import evaluate
 
     limit = args.limit
     if limit is not None and limit >= 1:
@@ -195,14 +195,14 @@ def finite_float(text: str) -> float:
 
 
 def _register(args: argparse.Namespace) -> None:
-    from ternarylm.registry import register_study
+    from ternarylm.orchestration.registry import register_study
 
     print(json.dumps(register_study(args.study, args.name, args.per, args.experiment)))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ternarylm.model import SIZES
-    from ternarylm.quantizers import TERNARY_SCHEMES
+    from ternarylm.model.transformer import SIZES
+    from ternarylm.model.quantizers import TERNARY_SCHEMES
 
     parser = OneLineParser(prog="ternarylm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "training tokens D of the predictions")
     p.set_defaults(func=_fit)
 
-    from ternarylm.allocate import SIGNALS
+    from ternarylm.orchestration.allocate import SIGNALS
 
     p = sub.add_parser("allocate", help="a precision plan from a pilot trial: the high format "
                                         "for its most sensitive blocks, within a bit budget")
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "{file: PATH})")
     p.set_defaults(func=_allocate)
 
-    from ternarylm.glue import POOLINGS, TASKS, GlueSettings
+    from ternarylm.evaluation.glue import POOLINGS, TASKS, GlueSettings
 
     d = GlueSettings()
     p = sub.add_parser("glue", help="fine-tune a trained model on GLUE MRPC, SST-2 or CoLA and "
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune again even if a finished child run has the same settings")
     p.set_defaults(func=_glue)
 
-    from ternarylm.packing import EMBEDDING_DTYPES
+    from ternarylm.deploy.packing import EMBEDDING_DTYPES
 
     p = sub.add_parser("pack", help="export a finished trial as one packed file (2-bit ternary "
                                     "codes) for CPU inference")
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the sampler, for repeatable output")
     p.set_defaults(func=_generate)
 
-    from ternarylm.export import FORMATS as EXPORT_FORMATS, GGUF_FALLBACKS, GGUF_TYPES
+    from ternarylm.deploy.export import FORMATS as EXPORT_FORMATS, GGUF_FALLBACKS, GGUF_TYPES
 
     p = sub.add_parser("export", help="export a finished trial as a Hugging Face Llama directory "
                                       "or a llama.cpp GGUF file (dequantized / TQ2_0 weights)")

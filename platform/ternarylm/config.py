@@ -20,11 +20,11 @@ from typing import Any
 import yaml
 
 from ternarylm.data import DataConfig
-from ternarylm.errors import UserError, yaml_problem
-from ternarylm.identity import content_key
-from ternarylm.model import ModelConfig, model_config
-from ternarylm.plans import PrecisionPlan
-from ternarylm.quantizers import TERNARY_SCHEMES
+from ternarylm.core.errors import UserError, yaml_problem
+from ternarylm.core.identity import content_key
+from ternarylm.model.transformer import ModelConfig, model_config
+from ternarylm.model.plans import PrecisionPlan
+from ternarylm.model.quantizers import TERNARY_SCHEMES
 
 
 class ConfigError(UserError):
@@ -64,7 +64,7 @@ class TrainConfig:
     """Final learning rate as a fraction of the peak."""
     schedule: str = "cosine"
     """`cosine` (warmup then cosine decay), `wsd` (warmup, stable, decay) or `two_stage`
-    (BitNet b1.58's: the cosine with a drop at `stage2_at`; see ternarylm.optim)."""
+    (BitNet b1.58's: the cosine with a drop at `stage2_at`; see ternarylm.training.optim)."""
     warmup_steps: int = 20
     """Linear warmup steps."""
     decay_fraction: float = 0.2
@@ -161,7 +161,7 @@ class TrialConfig:
     """Tie the output head to the embedding."""
     block: str = "llama"
     """Block variant: `llama` (the paper's) or `bitnet` (BitNet b1.58's sub-norms and squared
-    ReLU; see ternarylm.model.BLOCKS)."""
+    ReLU; see ternarylm.model.transformer.BLOCKS)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus and tokenizer."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -177,7 +177,7 @@ class TrialConfig:
     experiment: str = field(default="ternarylm", metadata=RUN_ONLY)
     """MLflow experiment name."""
     recipe: str | None = field(default=None, metadata=RUN_ONLY)
-    """The named recipe (ternarylm.recipes) a study built this trial from: a label, since the
+    """The named recipe (ternarylm.model.recipes) a study built this trial from: a label, since the
     recipe's settings are the trial's own fields."""
     name: str | None = field(default=None, metadata=RUN_ONLY)
     """Run name; defaults to `<size>-<scheme>-<plan>-s<seed>-<key>`."""
@@ -252,7 +252,7 @@ class TrialConfig:
 
     def key(self) -> str:
         """Content key of `identity()` (every field, defaults included) and the trial numerics
-        version (`ternarylm.identity`): two configs with one key train the same model."""
+        version (`ternarylm.core.identity`): two configs with one key train the same model."""
         return content_key("trial", self.identity())
 
     def flat(self) -> dict[str, Any]:

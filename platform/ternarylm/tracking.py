@@ -23,12 +23,12 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
 import ternarylm
-from ternarylm import metrics
+from ternarylm.core import metrics
 from ternarylm.config import ConfigError, ternarylm_home
 
 TRIAL_KEY_TAG = "ternarylm.trial_key"
 NUMERICS_VERSION_TAG = "ternarylm.numerics_version"
-"""On a trial run: the trial numerics version its key was made with (`ternarylm.identity`);
+"""On a trial run: the trial numerics version its key was made with (`ternarylm.core.identity`);
 on an experiment: the version whose stale-key notice was given."""
 PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"

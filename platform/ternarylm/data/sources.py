@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ternarylm.errors import UserError
+from ternarylm.core.errors import UserError
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _LOCAL_HINT = (
